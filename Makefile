@@ -1,0 +1,27 @@
+# Two entry points for a fresh machine: `make demo` and `make test`.
+# Each builds .venv with what it needs; no system Redis or PostgreSQL is used.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: demo test lint venv clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -e '.[embedded,dev]'
+	touch $@
+
+demo: venv
+	$(PY) -m coordinator race --pods 8 --callers 16 --strategy all
+
+lint: venv
+	$(PY) -m ruff check .
+	$(PY) -m mypy --strict coordinator
+
+test: lint
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .hypothesis

@@ -1,0 +1,50 @@
+"""Counter keys and the auxiliary keys derived from them.
+
+A counter key may contain any printable character except ASCII control characters, so the
+unit separator (0x1F) can never appear in one: joining auxiliary names with it makes every
+derived key impossible to confuse with a user's counter key, whatever naming scheme the user
+has (``a:fence`` would collide with a user's counter called ``a:fence``).
+"""
+
+from __future__ import annotations
+
+from .errors import InvalidKeyError
+
+MAX_KEY_BYTES = 1024
+_SEP = "\x1f"
+
+
+def validate_key(key: object) -> str:
+    """Return ``key`` if it is a usable counter key, else raise :class:`InvalidKeyError`."""
+    if not isinstance(key, str):
+        raise InvalidKeyError(f"counter key must be str, got {type(key).__name__}: {key!r}")
+    if not key:
+        raise InvalidKeyError("counter key must not be empty", key=key)
+    if len(key.encode("utf-8", "surrogatepass")) > MAX_KEY_BYTES:
+        raise InvalidKeyError(
+            f"counter key is longer than {MAX_KEY_BYTES} bytes: {key[:40]!r}...", key=key
+        )
+    bad = next((c for c in key if ord(c) < 0x20 or ord(c) == 0x7F or c.isspace()), None)
+    if bad is not None:
+        raise InvalidKeyError(
+            f"counter key contains whitespace or a control character {bad!r}: {key!r}", key=key
+        )
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidKeyError(f"counter key is not valid UTF-8: {key!r}", key=key) from exc
+    return key
+
+
+def fence_key(key: str) -> str:
+    """The hash holding the key's fencing token (``t``) and reset generation (``g``)."""
+    return f"{key}{_SEP}fence"
+
+
+def lease_name(key: str, generation: int) -> str:
+    """The Redlock resource for rebuilding ``key`` in reset generation ``generation``.
+
+    Scoping the lease to the generation means a reader arriving after a reset never waits
+    behind a rebuild that the reset has already doomed.
+    """
+    return f"{key}{_SEP}lease{_SEP}{generation}"

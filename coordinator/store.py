@@ -1,0 +1,179 @@
+"""The counter store: every read and write of a counter, each one Redis round trip.
+
+Writes that must be atomic (seed, increment, reset, token grant) are Lua scripts, so they
+work the same on Redis 6.2 and 7.x (``SET NX GET`` would need 7.0) and never race with each
+other. Lua numbers are doubles: counter values cross the script boundary as strings, and
+tokens (integers below 2**53) as integer replies, never through tostring (which rounds).
+
+Each counter ``K`` has a fence hash ``K<US>fence`` (see :mod:`coordinator.keys`) with two
+fields: ``t``, the last fencing token granted, and ``g``, the reset generation. Both start
+from the server clock in microseconds when the hash is created, so tokens keep growing even
+after the hash expires or the server loses its data: a holder paused for a long time can
+never find its old token current again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError, ResponseError
+
+from .errors import CorruptCounterError, InvalidValueError, StoreError, WrongTypeError
+from .keys import fence_key
+from .values import format_value, parse_stored
+
+T = TypeVar("T")
+
+# Creates the fence hash if missing and refreshes its expiry. Shared by every script below.
+_ENSURE_FENCE = """
+local fence, fence_ttl = KEYS[2], tonumber(ARGV[1])
+if redis.call('EXISTS', fence) == 0 then
+  local now = redis.call('TIME')
+  local start = now[1] .. string.format('%06d', tonumber(now[2]))
+  redis.call('HSET', fence, 't', start, 'g', start)
+end
+if fence_ttl > 0 then redis.call('PEXPIRE', fence, fence_ttl) end
+"""
+
+# Miss path: the counter (if it appeared) and the generation that names the lease.
+_PROBE = _ENSURE_FENCE + """
+return {redis.call('GET', KEYS[1]), redis.call('HGET', fence, 'g')}
+"""
+
+# Winner: a new fencing token, and the re-check of the counter, in one round trip.
+_TOKEN = _ENSURE_FENCE + """
+local token = redis.call('HINCRBY', fence, 't', 1)
+return {token, redis.call('GET', KEYS[1])}
+"""
+
+# Fenced SET NX: write only if the counter is absent and our token is still the newest.
+_SEED = """
+local current = redis.call('GET', KEYS[1])
+if current then return {'present', current} end
+if redis.call('HGET', KEYS[2], 't') ~= ARGV[2] then return {'fenced', false} end
+local ttl = tonumber(ARGV[3])
+if ttl > 0 then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ttl)
+else
+  redis.call('SET', KEYS[1], ARGV[1])
+end
+return {'won', ARGV[1]}
+"""
+
+# Increments never create a counter: a partial counter would win every later SET NX.
+_INCREMENT = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+local value = redis.call('INCRBYFLOAT', KEYS[1], ARGV[1])
+local ttl = tonumber(ARGV[2])
+if ttl > 0 then redis.call('PEXPIRE', KEYS[1], ttl) end
+return value
+"""
+
+# Bumping the token fences out every rebuild in flight; bumping the generation gives
+# readers after the reset a fresh lease instead of the doomed holder's.
+_RESET = _ENSURE_FENCE + """
+redis.call('HINCRBY', fence, 't', 1)
+local generation = redis.call('HINCRBY', fence, 'g', 1)
+redis.call('DEL', KEYS[1])
+return generation
+"""
+
+
+@dataclass(frozen=True)
+class SeedOutcome:
+    """What the fenced seed did: ``won`` wrote ``value``; ``present`` found ``value``
+    already stored; ``fenced`` wrote nothing because a newer token exists (``value`` None)."""
+
+    result: Literal["won", "present", "fenced"]
+    value: float | None
+
+
+def _text(raw: bytes | str) -> str:
+    return raw.decode() if isinstance(raw, bytes) else raw
+
+
+def _ms(seconds: float | None) -> str:
+    return "0" if seconds is None else str(max(1, round(seconds * 1000)))
+
+
+class CounterStore:
+    """Counter reads and atomic writes on one ``redis.asyncio.Redis`` client."""
+
+    def __init__(self, client: Redis, *, fence_ttl: float | None = 86400.0) -> None:
+        self.client = client
+        self._fence_ttl = _ms(fence_ttl)
+        self._probe = client.register_script(_PROBE)
+        self._token = client.register_script(_TOKEN)
+        self._seed = client.register_script(_SEED)
+        self._increment = client.register_script(_INCREMENT)
+        self._reset = client.register_script(_RESET)
+
+    async def read(self, key: str) -> float | None:
+        """The hot path: one GET."""
+        raw = await self._call(key, lambda: self.client.get(key))
+        return None if raw is None else parse_stored(raw, key)
+
+    async def probe(self, key: str) -> tuple[float | None, int]:
+        """The counter if present, and the current reset generation."""
+        raw, generation = await self._script(self._probe, key)
+        value = None if raw is None else parse_stored(raw, key)
+        return value, int(_text(generation))
+
+    async def take_token(self, key: str) -> tuple[int, float | None]:
+        """A new fencing token for ``key``, and the counter if someone seeded it already."""
+        token, raw = await self._script(self._token, key)
+        return int(token), None if raw is None else parse_stored(raw, key)
+
+    async def seed(self, key: str, value: float, token: int, ttl: float | None) -> SeedOutcome:
+        """Fenced SET NX of ``value`` under ``token``."""
+        result, raw = await self._call(
+            key,
+            lambda: self._seed(
+                keys=[key, fence_key(key)], args=[format_value(value), str(token), _ms(ttl)]
+            ),
+        )
+        kind = _text(result)
+        if kind == "fenced":
+            return SeedOutcome("fenced", None)
+        stored = parse_stored(raw, key)
+        return SeedOutcome("won" if kind == "won" else "present", stored)
+
+    async def increment(self, key: str, amount: float, ttl: float | None) -> float | None:
+        """INCRBYFLOAT if (and only if) the counter exists; its new value, else None."""
+        raw = await self._call(
+            key, lambda: self._increment(keys=[key], args=[format_value(amount), _ms(ttl)])
+        )
+        return None if raw is None else parse_stored(raw, key)
+
+    async def reset(self, key: str) -> int:
+        """Fence out every rebuild in flight and delete the counter; the new generation."""
+        return int(await self._script(self._reset, key))
+
+    async def _script(self, script: Any, key: str) -> Any:
+        return await self._call(
+            key, lambda: script(keys=[key, fence_key(key)], args=[self._fence_ttl])
+        )
+
+    async def _call(self, key: str, op: Callable[[], Awaitable[T]]) -> T:
+        try:
+            return await op()
+        except ResponseError as exc:
+            raise _translate(exc, key) from exc
+        except RedisError as exc:
+            raise StoreError(
+                f"counter store failed on {key!r}: {type(exc).__name__}: {exc}", key=key
+            ) from exc
+
+
+def _translate(exc: ResponseError, key: str) -> Exception:
+    text = str(exc)
+    if "WRONGTYPE" in text:
+        return WrongTypeError(f"counter {key!r} holds a non-string Redis type", key=key)
+    if "not a valid float" in text:
+        return CorruptCounterError(f"counter {key!r} holds a non-numeric value", key=key)
+    if "NaN or Infinity" in text:
+        return InvalidValueError(f"increment of {key!r} would make it non-finite", key=key)
+    return StoreError(f"counter store refused a command on {key!r}: {text}", key=key)

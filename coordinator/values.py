@@ -1,0 +1,59 @@
+"""Strict conversion between counter values and their stored text."""
+
+from __future__ import annotations
+
+import math
+
+from .errors import CorruptCounterError, InvalidValueError
+
+# Beyond 2**53 a double cannot hold every integer; well below it, cents still add exactly
+# enough for spend. Larger values are refused rather than silently rounded.
+MAX_VALUE = 1e15
+
+
+def parse_stored(raw: bytes | str, key: str) -> float:
+    """Parse a stored counter; anything but a finite number is a corrupt counter."""
+    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+    try:
+        value = float(text)
+    except ValueError:
+        raise CorruptCounterError(
+            f"counter {key!r} holds a non-numeric value {text[:60]!r}", key=key
+        ) from None
+    if not math.isfinite(value):
+        raise CorruptCounterError(f"counter {key!r} holds a non-finite value {text!r}", key=key)
+    return value
+
+
+def _number(value: object, what: str, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidValueError(
+            f"{what} {type(value).__name__} {value!r}; expected an int or float", key=key
+        )
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number) or abs(number) > MAX_VALUE:
+        raise InvalidValueError(
+            f"{what} {value!r}; expected a finite number within +/-{MAX_VALUE:g}", key=key
+        )
+    return number
+
+
+def check_loaded(value: object, key: str) -> float:
+    """Validate a loader's result: a finite, non-negative int or float (not a bool)."""
+    number = _number(value, f"loader for {key!r} returned", key)
+    if number < 0:
+        raise InvalidValueError(f"loader for {key!r} returned negative {value!r}", key=key)
+    return number
+
+
+def check_amount(amount: object, key: str) -> float:
+    """Validate an increment: a finite int or float (negative allowed: refunds)."""
+    return _number(amount, f"increment of {key!r} by", key)
+
+
+def format_value(value: float) -> str:
+    """Shortest text that round-trips ``value`` exactly (what INCRBYFLOAT can parse)."""
+    return repr(float(value))
