@@ -50,3 +50,11 @@ class CoordinatorClosedError(ReseedError):
 
 class ConfigurationError(ReseedError, ValueError):
     """A coordinator setting is out of range."""
+
+
+class SourceError(LoaderError):
+    """The source of truth (e.g. PostgreSQL) failed or could not be reached."""
+
+
+class MissingRowError(LoaderError):
+    """The source has no row for the counter: a clear result, never a silent zero."""
