@@ -48,10 +48,12 @@ from .errors import (
 )
 from .keys import lease_name, validate_key
 from .lock import LeaseManager, QuorumUnavailable, lock_client
+from .observe import MissRole, Observer
 from .singleflight import SingleFlight
 from .stats import Stats
 from .store import CounterStore
 from .values import check_amount, check_loaded
+from .wakeup import SeedSignals
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +99,7 @@ class ReseedCoordinator:
         backoff_max: float = 0.1,
         on_timeout: OnTimeout = "raise",
         fence_ttl: float | None = 86400.0,
+        observer: Observer | None = None,
     ) -> None:
         _positive("ttl", ttl, optional=True)
         _positive("lease", lease)
@@ -114,6 +117,7 @@ class ReseedCoordinator:
             # A fence that expires under a live holder would let its token be granted again.
             raise ConfigurationError("fence_ttl must outlive a lease with all its extensions")
         self._store = CounterStore(store, fence_ttl=fence_ttl)
+        self._signals = SeedSignals(store)
         self._locks = LeaseManager(
             lock_masters if lock_masters is not None else [store],
             duration=lease,
@@ -123,8 +127,9 @@ class ReseedCoordinator:
         self._wait = wait
         self._on_timeout: OnTimeout = on_timeout
         self._backoff = wait_random_exponential(multiplier=backoff_initial, max=backoff_max)
-        self._flights: SingleFlight[str, float] = SingleFlight()
+        self._flights: SingleFlight[str, tuple[float, bool]] = SingleFlight()
         self._stats = Stats()
+        self._observer = observer
         self._owned: list[Redis] = []
         self._closed = False
 
@@ -166,10 +171,31 @@ class ReseedCoordinator:
         self._check_open()
         value = await self._guard(self._store.read(key))
         if value is not None:
-            self._stats.hits += 1
+            self._count("hits")
             return value
-        self._stats.misses += 1
+        self._count("misses")
         return await self._reseed(key, loader, budget)
+
+    async def get_many(
+        self, requests: Sequence[tuple[str, Loader]], *, wait: float | None = None
+    ) -> list[float]:
+        """Several counters, in order: one MGET round trip when all are present; the
+        missing ones are rebuilt concurrently, each through the full protocol."""
+        keys = [validate_key(key) for key, _ in requests]
+        budget = self._budget(wait)
+        self._check_open()
+        if not keys:
+            return []
+        values = await self._guard(self._store.read_many(keys))
+        missing = [i for i, value in enumerate(values) if value is None]
+        self._count("hits", len(keys) - len(missing))
+        self._count("misses", len(missing))
+        rebuilt = await asyncio.gather(
+            *(self._reseed(keys[i], requests[i][1], budget) for i in missing)
+        )
+        for i, value in zip(missing, rebuilt, strict=True):
+            values[i] = value
+        return [value for value in values if value is not None]
 
     async def increment(
         self,
@@ -196,7 +222,7 @@ class ReseedCoordinator:
             # The counter can vanish again (reset, expiry) between the rebuild and the add.
             remaining = deadline - asyncio.get_running_loop().time()
             if remaining <= 0:
-                self._stats.timeouts += 1
+                self._count("timeouts")
                 raise ReseedTimeoutError(f"could not increment {key!r} within {budget}s", key=key)
             await self._reseed(key, loader, remaining)
 
@@ -217,6 +243,7 @@ class ReseedCoordinator:
         for task in flights:
             task.cancel()
         await asyncio.gather(*flights, return_exceptions=True)
+        await self._signals.aclose()
         for client in self._owned:
             await client.aclose()
 
@@ -235,79 +262,89 @@ class ReseedCoordinator:
 
     async def _reseed(self, key: str, loader: Loader, budget: float) -> float:
         self._check_open()
-        deadline = asyncio.get_running_loop().time() + budget
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        deadline = started + budget
         try:
-            value, joined = await asyncio.wait_for(
+            (value, loaded), joined = await asyncio.wait_for(
                 self._guard(self._flights.do(key, lambda: self._rebuild(key, loader, deadline))),
                 budget,
             )
         except (asyncio.TimeoutError, ReseedTimeoutError):
-            self._stats.timeouts += 1
+            self._count("timeouts")
             if self._on_timeout == "raise":
                 raise ReseedTimeoutError(
                     f"no value for counter {key!r} within {budget:.3g}s", key=key
                 ) from None
-            self._stats.fallback_reads += 1
-            fallback_deadline = asyncio.get_running_loop().time() + budget
-            return await self._load(key, loader, fallback_deadline)
+            self._count("fallback_reads")
+            return await self._load(key, loader, loop.time() + budget)
         if joined:
-            self._stats.joined += 1
+            self._count("joined")
+        if self._observer is not None:
+            role: MissRole = "loaded" if loaded and not joined else "waited"
+            self._observer.on_miss(role, loop.time() - started)
         return value
 
-    async def _rebuild(self, key: str, loader: Loader, deadline: float) -> float:
-        retrying = AsyncRetrying(
-            stop=stop_before_delay(max(0.0, deadline - asyncio.get_running_loop().time())),
-            wait=self._backoff,
-            retry=retry_if_result(lambda value: value is None),
-        )
+    async def _rebuild(self, key: str, loader: Loader, deadline: float) -> tuple[float, bool]:
+        """The value, and whether this flight ran the loader to get it."""
         try:
-            value: float = await retrying(self._attempt, key, loader, deadline)
+            async with self._signals.watch(key) as sleep:
+                retrying = AsyncRetrying(
+                    stop=stop_before_delay(max(0.0, deadline - asyncio.get_running_loop().time())),
+                    wait=self._backoff,
+                    sleep=sleep,
+                    retry=retry_if_result(lambda outcome: outcome is None),
+                )
+                outcome: tuple[float, bool] = await retrying(self._attempt, key, loader, deadline)
         except RetryError:
             raise ReseedTimeoutError(f"no rebuild of {key!r} by the deadline", key=key) from None
-        return value
+        return outcome
 
-    async def _attempt(self, key: str, loader: Loader, deadline: float) -> float | None:
-        """One try: the stored value, the rebuilt value, or None to back off and retry."""
+    async def _attempt(
+        self, key: str, loader: Loader, deadline: float
+    ) -> tuple[float, bool] | None:
+        """One try: the stored or rebuilt value, or None to back off and retry."""
         present, generation = await self._store.probe(key)
         if present is not None:
-            return present
+            return present, False
         try:
             lease = await self._locks.try_acquire(lease_name(key, generation))
         except QuorumUnavailable:
-            self._stats.lock_degraded += 1
+            self._count("lock_degraded")
             return await self._seed(key, loader, deadline)
         if lease is None:
-            self._stats.leases_lost += 1
+            self._count("leases_lost")
             return None
-        self._stats.leases_won += 1
+        self._count("leases_won")
         async with lease:
             try:
                 return await self._seed(key, loader, deadline)
             finally:
-                self._stats.lease_extensions += lease.extensions
+                self._count("lease_extensions", lease.extensions)
 
-    async def _seed(self, key: str, loader: Loader, deadline: float) -> float:
+    async def _seed(self, key: str, loader: Loader, deadline: float) -> tuple[float, bool]:
         token, present = await self._store.take_token(key)
         if present is not None:
-            return present
+            return present, False
         value = await self._load(key, loader, deadline)
         outcome = await self._store.seed(key, value, token, self._ttl)
         if outcome.result == "won":
-            self._stats.seeds_won += 1
+            self._count("seeds_won")
         elif outcome.result == "present":
-            self._stats.seeds_lost += 1
+            self._count("seeds_lost")
         else:
             # A newer rebuild or a reset superseded us. Looping would livelock a key whose
             # loader is slower than the lease, so return our own fresh read instead.
-            self._stats.fenced_writes += 1
+            self._count("fenced_writes")
             log.info("fenced write refused", extra={"key": key, "token": token})
-        return value if outcome.value is None else outcome.value
+        return (value if outcome.value is None else outcome.value), True
 
     async def _load(self, key: str, loader: Loader, deadline: float) -> float:
         remaining = deadline - asyncio.get_running_loop().time()
         if remaining <= 0:
             raise ReseedTimeoutError(f"no time left to load {key!r}", key=key)
-        self._stats.loader_calls += 1
+        self._count("loader_calls")
+        started = asyncio.get_running_loop().time()
         try:
             pending = loader()
             if not inspect.isawaitable(pending):
@@ -317,16 +354,19 @@ class ReseedCoordinator:
                 )
             raw = await asyncio.wait_for(pending, remaining)
         except asyncio.TimeoutError:
-            self._stats.loader_errors += 1
+            self._count("loader_errors")
             raise ReseedTimeoutError(
                 f"loader for {key!r} did not answer within {remaining:.3g}s", key=key
             ) from None
         except ReseedError:
-            self._stats.loader_errors += 1
+            self._count("loader_errors")
             raise
         except Exception as exc:
-            self._stats.loader_errors += 1
+            self._count("loader_errors")
             raise LoaderError(f"loader for {key!r} failed: {exc!r}", key=key) from exc
+        finally:
+            if self._observer is not None:
+                self._observer.on_loader(asyncio.get_running_loop().time() - started)
         return check_loaded(raw, key)
 
     # -- helpers -------------------------------------------------------------------------
@@ -337,6 +377,12 @@ class ReseedCoordinator:
         _positive("wait", wait)
         return wait
 
+    def _count(self, name: str, amount: int = 1) -> None:
+        if amount:
+            setattr(self._stats, name, getattr(self._stats, name) + amount)
+            if self._observer is not None:
+                self._observer.on_count(name, amount)
+
     def _check_open(self) -> None:
         if self._closed:
             raise CoordinatorClosedError("the coordinator is closed")
@@ -345,5 +391,5 @@ class ReseedCoordinator:
         try:
             return await pending
         except StoreError:
-            self._stats.store_errors += 1
+            self._count("store_errors")
             raise

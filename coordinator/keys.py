@@ -41,6 +41,11 @@ def fence_key(key: str) -> str:
     return f"{key}{_SEP}fence"
 
 
+def seed_channel(key: str) -> str:
+    """The pub/sub channel on which a successful seed of ``key`` is announced."""
+    return f"{key}{_SEP}seeded"
+
+
 def lease_name(key: str, generation: int) -> str:
     """The Redlock resource for rebuilding ``key`` in reset generation ``generation``.
 

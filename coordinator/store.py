@@ -22,7 +22,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
 from .errors import CorruptCounterError, InvalidValueError, StoreError, WrongTypeError
-from .keys import fence_key
+from .keys import fence_key, seed_channel
 from .values import format_value, parse_stored
 
 T = TypeVar("T")
@@ -49,7 +49,8 @@ local token = redis.call('HINCRBY', fence, 't', 1)
 return {token, redis.call('GET', KEYS[1])}
 """
 
-# Fenced SET NX: write only if the counter is absent and our token is still the newest.
+# Fenced SET NX: write only if the counter is absent and our token is still the newest;
+# announce a write on the counter's channel so that waiting losers wake at once.
 _SEED = """
 local current = redis.call('GET', KEYS[1])
 if current then return {'present', current} end
@@ -60,6 +61,7 @@ if ttl > 0 then
 else
   redis.call('SET', KEYS[1], ARGV[1])
 end
+redis.call('PUBLISH', ARGV[4], ARGV[1])
 return {'won', ARGV[1]}
 """
 
@@ -116,6 +118,13 @@ class CounterStore:
         raw = await self._call(key, lambda: self.client.get(key))
         return None if raw is None else parse_stored(raw, key)
 
+    async def read_many(self, keys: list[str]) -> list[float | None]:
+        """Several counters in one MGET round trip (a wrong-type key reads as missing;
+        the rebuild's GET then raises :class:`WrongTypeError` for it)."""
+        raws = await self._call(keys[0], lambda: self.client.mget(keys))
+        pairs = zip(keys, raws, strict=True)
+        return [None if raw is None else parse_stored(raw, key) for key, raw in pairs]
+
     async def probe(self, key: str) -> tuple[float | None, int]:
         """The counter if present, and the current reset generation."""
         raw, generation = await self._script(self._probe, key)
@@ -132,7 +141,8 @@ class CounterStore:
         result, raw = await self._call(
             key,
             lambda: self._seed(
-                keys=[key, fence_key(key)], args=[format_value(value), str(token), _ms(ttl)]
+                keys=[key, fence_key(key)],
+                args=[format_value(value), str(token), _ms(ttl), seed_channel(key)],
             ),
         )
         kind = _text(result)
