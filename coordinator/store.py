@@ -66,8 +66,25 @@ return {'won', ARGV[1]}
 """
 
 # Increments never create a counter: a partial counter would win every later SET NX.
+# The current value must pass the grammar of values.parse_stored first: INCRBYFLOAT would
+# happily rewrite hex or an out-of-range exponent, turning a corrupt counter into a number.
 _INCREMENT = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+local current = redis.call('GET', KEYS[1])
+if not current then return false end
+local function plain(s)
+  for _, form in ipairs({'^[+-]?%d+%.?%d*', '^[+-]?%.%d+'}) do
+    local mantissa = s:match(form)
+    if mantissa then
+      local rest = s:sub(#mantissa + 1)
+      if rest == '' or rest:match('^[eE][+-]?%d+$') then return true end
+    end
+  end
+  return false
+end
+local number = tonumber(current)
+if not plain(current) or number ~= number or number == math.huge or number == -math.huge then
+  return redis.error_reply('CORRUPT counter holds a non-numeric value')
+end
 local value = redis.call('INCRBYFLOAT', KEYS[1], ARGV[1])
 local ttl = tonumber(ARGV[2])
 if ttl > 0 then redis.call('PEXPIRE', KEYS[1], ttl) end
@@ -182,7 +199,7 @@ def _translate(exc: ResponseError, key: str) -> Exception:
     text = str(exc)
     if "WRONGTYPE" in text:
         return WrongTypeError(f"counter {key!r} holds a non-string Redis type", key=key)
-    if "not a valid float" in text:
+    if "not a valid float" in text or text.startswith("CORRUPT"):
         return CorruptCounterError(f"counter {key!r} holds a non-numeric value", key=key)
     if "NaN or Infinity" in text:
         return InvalidValueError(f"increment of {key!r} would make it non-finite", key=key)

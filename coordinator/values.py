@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 from .errors import CorruptCounterError, InvalidValueError
 
@@ -10,16 +11,20 @@ from .errors import CorruptCounterError, InvalidValueError
 # enough for spend. Larger values are refused rather than silently rounded.
 MAX_VALUE = 1e15
 
+# The plain decimal form, and only it: Python's float() also takes " 5", "1_000", "nan" and
+# "inf", and Redis's INCRBYFLOAT also takes hex; a counter is what both sides agree on.
+# The increment script applies the same grammar (store.py) so get and increment agree.
+_NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
+
 
 def parse_stored(raw: bytes | str, key: str) -> float:
     """Parse a stored counter; anything but a finite number is a corrupt counter."""
     text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
-    try:
-        value = float(text)
-    except ValueError:
+    if not _NUMBER.fullmatch(text):
         raise CorruptCounterError(
             f"counter {key!r} holds a non-numeric value {text[:60]!r}", key=key
-        ) from None
+        )
+    value = float(text)
     if not math.isfinite(value):
         raise CorruptCounterError(f"counter {key!r} holds a non-finite value {text!r}", key=key)
     return value
