@@ -265,11 +265,11 @@ class ReseedCoordinator:
         loop = asyncio.get_running_loop()
         started = loop.time()
         deadline = started + budget
+        flight, joined = self._flights.join(key, lambda: self._rebuild(key, loader, deadline))
+        if joined:
+            self._count("joined")
         try:
-            (value, loaded), joined = await asyncio.wait_for(
-                self._guard(self._flights.do(key, lambda: self._rebuild(key, loader, deadline))),
-                budget,
-            )
+            value, loaded = await asyncio.wait_for(self._guard(asyncio.shield(flight)), budget)
         except (asyncio.TimeoutError, ReseedTimeoutError):
             self._count("timeouts")
             if self._on_timeout == "raise":
@@ -278,8 +278,6 @@ class ReseedCoordinator:
                 ) from None
             self._count("fallback_reads")
             return await self._load(key, loader, loop.time() + budget)
-        if joined:
-            self._count("joined")
         if self._observer is not None:
             role: MissRole = "loaded" if loaded and not joined else "waited"
             self._observer.on_miss(role, loop.time() - started)
@@ -308,7 +306,9 @@ class ReseedCoordinator:
         if present is not None:
             return present, False
         try:
-            lease = await self._locks.try_acquire(lease_name(key, generation))
+            lease = await self._locks.try_acquire(
+                lease_name(key, generation), lambda: self._count("lease_extensions")
+            )
         except QuorumUnavailable:
             self._count("lock_degraded")
             return await self._seed(key, loader, deadline)
@@ -317,10 +317,7 @@ class ReseedCoordinator:
             return None
         self._count("leases_won")
         async with lease:
-            try:
-                return await self._seed(key, loader, deadline)
-            finally:
-                self._count("lease_extensions", lease.extensions)
+            return await self._seed(key, loader, deadline)
 
     async def _seed(self, key: str, loader: Loader, deadline: float) -> tuple[float, bool]:
         token, present = await self._store.take_token(key)

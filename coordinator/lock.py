@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import TracebackType
 
 from pottery import AIORedlock
@@ -63,11 +63,11 @@ class Lease:
     number of times) so that only a dead or stalled holder is overtaken; on exit it is
     released, and a lease that already expired is not an error."""
 
-    def __init__(self, lock: AIORedlock, duration: float) -> None:
+    def __init__(self, lock: AIORedlock, duration: float, on_extend: Callable[[], None]) -> None:
         self._lock = lock
         self._duration = duration
+        self._on_extend = on_extend
         self._keeper: asyncio.Task[None] | None = None
-        self.extensions = 0
 
     async def __aenter__(self) -> Lease:
         self._keeper = asyncio.get_running_loop().create_task(self._keep())
@@ -97,7 +97,7 @@ class Lease:
             except (ExtendUnlockedLock, QuorumIsImpossible):
                 log.warning("lease %s lapsed; the fence will reject a late write", self._lock.key)
                 return
-            self.extensions += 1
+            self._on_extend()
 
 
 class LeaseManager:
@@ -110,7 +110,7 @@ class LeaseManager:
         self.duration = duration
         self.extensions = extensions
 
-    async def try_acquire(self, name: str) -> Lease | None:
+    async def try_acquire(self, name: str, on_extend: Callable[[], None]) -> Lease | None:
         """The lease on ``name``, or None if another holder has it.
 
         Raises :class:`QuorumUnavailable` when a majority of masters errored.
@@ -133,4 +133,4 @@ class LeaseManager:
                 len(self.masters),
             )
             raise QuorumUnavailable(name) from exc
-        return Lease(lock, self.duration) if acquired else None
+        return Lease(lock, self.duration, on_extend) if acquired else None

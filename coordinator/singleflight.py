@@ -20,17 +20,24 @@ class SingleFlight(Generic[K, V]):
     def __init__(self) -> None:
         self._flights: dict[K, asyncio.Task[V]] = {}
 
-    async def do(self, key: K, fn: Callable[[], Coroutine[Any, Any, V]]) -> tuple[V, bool]:
-        """Run ``fn`` once for all concurrent callers of ``key``.
-
-        Returns the result and whether this caller joined a flight already in the air.
-        """
+    def join(
+        self, key: K, fn: Callable[[], Coroutine[Any, Any, V]]
+    ) -> tuple[asyncio.Task[V], bool]:
+        """The flight for ``key``, started with ``fn`` if none is in the air, and whether
+        it was already in the air. Await it through ``asyncio.shield`` so that a waiter
+        giving up does not cancel it for the others."""
         task = self._flights.get(key)
-        joined = task is not None
-        if task is None:
-            task = asyncio.get_running_loop().create_task(fn())
-            self._flights[key] = task
-            task.add_done_callback(lambda done: self._land(key, done))
+        if task is not None:
+            return task, True
+        task = asyncio.get_running_loop().create_task(fn())
+        self._flights[key] = task
+        task.add_done_callback(lambda done: self._land(key, done))
+        return task, False
+
+    async def do(self, key: K, fn: Callable[[], Coroutine[Any, Any, V]]) -> tuple[V, bool]:
+        """Run ``fn`` once for all concurrent callers of ``key``; the result, and whether
+        this caller shared a flight already in the air (Go's ``shared``)."""
+        task, joined = self.join(key, fn)
         return await asyncio.shield(task), joined
 
     def forget(self, key: K) -> None:

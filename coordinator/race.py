@@ -1,0 +1,644 @@
+"""The multi-process race: P pods with C concurrent callers each, released together onto one
+cold counter whose authoritative value is a PostgreSQL row.
+
+Each pod is a fresh interpreter (``spawn``) with its own event loop, clients and pool, as a
+pod of a proxy fleet would be. A pod connects and warms everything first (Redis connections,
+Lua scripts, lock masters, the asyncpg statement) on a private key, then waits on a
+cross-process barrier; latencies run from the common start to each caller's value.
+The DB delay is a ``pg_sleep`` inside the query, so a slow read holds a real connection.
+
+Strategies:
+
+* ``coordinated``: :class:`~coordinator.ReseedCoordinator` (Redlock lease, fencing token,
+  fenced SET NX). Expected: one DB read fleet-wide, counter == DB value.
+* ``per-process``: LiteLLM 1.84.10, the post-fix rebuild. Expected: one DB read per pod,
+  counter == DB value.
+* ``naive``: LiteLLM 1.83.14, the pre-fix rebuild. Expected: counter == pods x DB value.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import math
+import multiprocessing
+import os
+import queue
+import signal
+import threading
+import time
+import uuid
+from collections import Counter, defaultdict
+from collections.abc import Iterator, Sequence
+from contextlib import AsyncExitStack
+from dataclasses import asdict, dataclass, field
+from multiprocessing.context import BaseContext
+from multiprocessing.process import BaseProcess
+from multiprocessing.sharedctypes import Synchronized
+from typing import Any, Literal, Protocol, get_args
+
+import asyncpg
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from .coordinator import Loader, ReseedCoordinator
+from .embedded import EmbeddedServerError, EmbeddedServers
+from .keys import fence_key
+from .sources import PostgresSource
+from .values import parse_stored
+
+Strategy = Literal["coordinated", "per-process", "naive"]
+STRATEGIES: tuple[Strategy, ...] = get_args(Strategy)
+
+TABLE = "reseed_race"
+# The delay runs inside PostgreSQL, holding a connection, as a slow production query does.
+QUERY = f"SELECT spend FROM {TABLE}, pg_sleep($2) WHERE id = $1"
+
+COUNTER_TTL = 60.0  # LiteLLM's spend counter TTL
+SOCKET_TIMEOUT = 0.5  # every strategy's store client is built as from_urls builds ours
+SETUP_TIMEOUT = 60.0  # spawn + import + connect + warm-up of every pod, on a busy machine
+WAIT = 15.0  # the coordinator's deadline per call (its default)
+CALL_TIMEOUT = WAIT + 5.0  # outer bound on every caller, whatever the strategy
+START_LEAD = 0.1  # seconds from the last pod's arrival at the barrier to the start...
+START_LEAD_PER_POD = 0.01  # ...plus this per pod
+
+
+class RaceError(RuntimeError):
+    """The race could not be run: a server is unreachable or a pod failed or vanished."""
+
+
+class _BarrierBroken(RaceError):
+    """This pod is fine; another one failed before the start."""
+
+
+@dataclass(frozen=True)
+class Servers:
+    redis_url: str
+    lock_urls: tuple[str, ...]
+    pg_dsn: str
+
+
+@dataclass(frozen=True)
+class _Spec:
+    """Everything a pod needs; pickled to each spawned interpreter."""
+
+    strategy: Strategy
+    callers: int
+    db_delay_ms: float
+    servers: Servers
+    key: str
+    row_id: str
+
+
+@dataclass
+class PodReport:
+    pod: int
+    db_reads: int = 0
+    latencies_ms: list[float] = field(default_factory=list)
+    values: list[float] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)  # error class names, one per failed call
+    stats: dict[str, int] | None = None  # coordinator counters of the race (not the warm-up)
+    failure: str | None = None  # the pod itself failed: the race is void
+    collateral: bool = False  # it failed only because another pod did
+    start_lag_ms: float = 0.0  # how late this pod woke for the common start
+
+
+@dataclass
+class RaceResult:
+    strategy: Strategy
+    pods: int
+    callers: int
+    db_delay_ms: float
+    db_value: float
+    final_counter: float | None
+    db_reads: int
+    min_returned: float | None
+    max_returned: float | None
+    p50_ms: float | None
+    p99_ms: float | None
+    max_ms: float | None
+    start_lag_ms: float  # the latest pod's lag behind the common start (included in its ms)
+    errors: int
+    error_types: dict[str, int]
+    stats: dict[str, int] | None  # summed coordinator stats (coordinated only)
+
+    @property
+    def inflation(self) -> float | None:
+        """Final counter over the DB value: 1 is right, ``pods`` is the pre-fix bug."""
+        if self.final_counter is None or self.db_value == 0:
+            return None
+        return round(self.final_counter / self.db_value, 9)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "inflation": self.inflation}
+
+
+# -- the contenders, one per strategy ------------------------------------------------------
+
+
+class Contender(Protocol):
+    async def get(self, key: str, loader: Loader) -> float: ...
+
+    def stats(self) -> dict[str, int] | None: ...
+
+    async def aclose(self) -> None: ...
+
+
+class Coordinated:
+    """Ours: one DB read per cold miss, fleet-wide."""
+
+    def __init__(self, servers: Servers) -> None:
+        self.coordinator = ReseedCoordinator.from_urls(
+            servers.redis_url,
+            lock_urls=list(servers.lock_urls),
+            socket_timeout=SOCKET_TIMEOUT,
+            ttl=COUNTER_TTL,
+            wait=WAIT,
+        )
+
+    async def get(self, key: str, loader: Loader) -> float:
+        return await self.coordinator.get(key, loader)
+
+    def stats(self) -> dict[str, int] | None:
+        return self.coordinator.stats.as_dict()
+
+    async def aclose(self) -> None:
+        await self.coordinator.aclose()
+
+
+class PerProcess:
+    """LiteLLM 1.84.10 (post-fix): an asyncio.Lock per key per process makes one rebuild per
+    pod; the rebuild writes with SET NX and a loser reads the winner's value. Nothing spans
+    pods, so every pod that misses reads the DB."""
+
+    def __init__(self, servers: Servers) -> None:
+        self.client = Redis.from_url(
+            servers.redis_url,
+            retry=Retry(NoBackoff(), 1),
+            socket_timeout=SOCKET_TIMEOUT,
+            socket_connect_timeout=SOCKET_TIMEOUT,
+        )
+        self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+
+    async def get(self, key: str, loader: Loader) -> float:
+        value = await self._read(key)
+        if value is not None:
+            return value
+        async with self._locks[key]:
+            # The callers that queued behind this pod's rebuild find its value here.
+            value = await self._read(key)
+            if value is not None:
+                return value
+            return await self._write(key, await loader())
+
+    async def _read(self, key: str) -> float | None:
+        raw = await self.client.get(key)
+        return None if raw is None else parse_stored(raw, key)
+
+    async def _write(self, key: str, loaded: float) -> float:
+        if await self.client.set(key, repr(loaded), nx=True, ex=int(COUNTER_TTL)):
+            return loaded
+        winner = await self._read(key)
+        return loaded if winner is None else winner
+
+    def stats(self) -> dict[str, int] | None:
+        return None
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+
+class Naive(PerProcess):
+    """LiteLLM 1.83.14 (pre-fix): the same per-process lock, but the rebuild *adds* the DB
+    value with INCRBYFLOAT, so every pod that misses adds it once more: P x the DB value."""
+
+    async def _write(self, key: str, loaded: float) -> float:
+        return float(await self.client.incrbyfloat(key, loaded))
+
+
+CONTENDERS: dict[Strategy, type[Coordinated] | type[PerProcess]] = {
+    "coordinated": Coordinated,
+    "per-process": PerProcess,
+    "naive": Naive,
+}
+
+
+# -- one pod -----------------------------------------------------------------------------
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+class StartLine:
+    """Releases every pod at one instant.
+
+    A barrier alone wakes its waiters one after another (each takes its lock in turn, on a
+    machine busy with the pods already woken): tens of ms apart for 16 pods on 2 cores, as
+    long as the DB delay itself. So the last pod to arrive only schedules the start a little
+    ahead (the barrier's action), and every pod sleeps to that instant on its own timer.
+    """
+
+    def __init__(self, context: BaseContext, pods: int) -> None:
+        self.at: Synchronized[float] = context.Value("d", 0.0)
+        lead = START_LEAD + START_LEAD_PER_POD * pods
+        self.barrier = context.Barrier(pods, action=functools.partial(_schedule, self.at, lead))
+
+    async def wait(self) -> float:
+        """Wait for every pod, then for the start; the start as ``perf_counter`` time."""
+        try:
+            await asyncio.to_thread(self.barrier.wait, SETUP_TIMEOUT)
+        except threading.BrokenBarrierError:
+            raise _BarrierBroken(
+                "the start barrier broke: another pod failed, "
+                f"or setup took longer than {SETUP_TIMEOUT:g}s"
+            ) from None
+        start = time.perf_counter() + (self.at.value - time.time())
+        await asyncio.sleep(start - time.perf_counter())
+        return start
+
+    def abort(self) -> None:
+        """Release every waiting pod with an error: one of them will never arrive."""
+        self.barrier.abort()
+
+
+def _schedule(at: Synchronized[float], lead: float) -> None:
+    at.value = time.time() + lead
+
+
+def _pod_main(spec: _Spec, index: int, start: StartLine, reports: Any) -> None:
+    """Entry point of a spawned pod; always reports, and never leaves the others waiting."""
+    # A terminal's Ctrl-C reaches the whole process group: the parent handles it and
+    # terminates the pods, so they should not die mid-report with a traceback each.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        report = asyncio.run(_pod(spec, index, start))
+    except BaseException as exc:
+        start.abort()
+        report = PodReport(
+            pod=index, failure=_describe(exc), collateral=isinstance(exc, _BarrierBroken)
+        )
+    reports.put(report)
+
+
+async def _pod(spec: _Spec, index: int, start_line: StartLine) -> PodReport:
+    report = PodReport(pod=index)
+    delay = spec.db_delay_ms / 1000
+
+    async with AsyncExitStack() as stack:
+        source = await PostgresSource.connect(spec.servers.pg_dsn, QUERY, max_size=2)
+        stack.push_async_callback(source.aclose)
+        contender: Contender = CONTENDERS[spec.strategy](spec.servers)
+        stack.push_async_callback(contender.aclose)
+
+        # Opens `callers` store connections, loads the scripts, touches every lock master and
+        # prepares the query, so that the race measures the protocol, not connection setup.
+        warm = f"{spec.key}:warm:{index}"
+        warmed = await asyncio.gather(
+            *(contender.get(warm, source.loader(spec.row_id, 0.0)) for _ in range(spec.callers)),
+            return_exceptions=True,  # let every call end before the clients close
+        )
+        failed = next((out for out in warmed if isinstance(out, BaseException)), None)
+        if failed is not None:
+            raise failed
+
+        async def load() -> float:
+            report.db_reads += 1
+            return await source.fetch(spec.row_id, delay)
+
+        before = contender.stats()
+        go = asyncio.Event()
+        start = 0.0
+
+        async def call() -> None:
+            await go.wait()
+            try:
+                value = await contender.get(spec.key, load)
+            except Exception as exc:
+                report.errors.append(type(exc).__name__)
+                return
+            report.latencies_ms.append((time.perf_counter() - start) * 1000)
+            report.values.append(value)
+
+        # Created ahead so that at the start a pod only sends its GETs: on a small machine,
+        # every ms a woken pod spends delays the pods still waiting for a core.
+        calls = [asyncio.create_task(call()) for _ in range(spec.callers)]
+        try:
+            start = await start_line.wait()
+            report.start_lag_ms = (time.perf_counter() - start) * 1000
+            go.set()
+            _, late = await asyncio.wait(calls, timeout=CALL_TIMEOUT)
+            report.errors += [TimeoutError.__name__] * len(late)
+        finally:
+            for task in calls:
+                task.cancel()
+            await asyncio.gather(*calls, return_exceptions=True)
+        after = contender.stats()
+        if before is not None and after is not None:
+            report.stats = {name: after[name] - before[name] for name in after}
+    return report
+
+
+# -- the parent --------------------------------------------------------------------------
+
+
+def _store_client(url: str) -> Redis:
+    return Redis.from_url(url, socket_timeout=5.0, socket_connect_timeout=5.0)
+
+
+async def _prepare(servers: Servers, row_id: str, db_value: float) -> None:
+    """The row the pods read, and a check that every server answers (a clear setup error)."""
+    try:
+        conn = await asyncpg.connect(servers.pg_dsn, timeout=10.0)
+    except Exception as exc:
+        raise RaceError(
+            f"cannot connect to PostgreSQL at {servers.pg_dsn}: {_describe(exc)}"
+        ) from exc
+    try:
+        await conn.execute(
+            f"CREATE TABLE IF NOT EXISTS {TABLE} "
+            "(id text PRIMARY KEY, spend double precision NOT NULL)"
+        )
+        await conn.execute(
+            f"INSERT INTO {TABLE} (id, spend) VALUES ($1, $2) "
+            "ON CONFLICT (id) DO UPDATE SET spend = EXCLUDED.spend",
+            row_id,
+            db_value,
+        )
+    except Exception as exc:
+        raise RaceError(f"cannot write the race row to {TABLE}: {_describe(exc)}") from exc
+    finally:
+        await conn.close()
+    for role, url in [("counter store", servers.redis_url)] + [
+        ("lock master", url) for url in servers.lock_urls
+    ]:
+        client = _store_client(url)
+        try:
+            await client.ping()
+        except RedisError as exc:
+            raise RaceError(f"cannot reach the {role} at {url}: {_describe(exc)}") from exc
+        finally:
+            await client.aclose()
+
+
+async def _finish(servers: Servers, key: str, pods: int, row_id: str) -> float | None:
+    """The final counter; then remove everything the race wrote."""
+    client = _store_client(servers.redis_url)
+    try:
+        raw = await client.get(key)
+        counters = [key, *(f"{key}:warm:{index}" for index in range(pods))]
+        await client.delete(*counters, *map(fence_key, counters))
+    finally:
+        await client.aclose()
+    conn = await asyncpg.connect(servers.pg_dsn, timeout=10.0)
+    try:
+        await conn.execute(f"DELETE FROM {TABLE} WHERE id = $1", row_id)
+    finally:
+        await conn.close()
+    return None if raw is None else parse_stored(raw, key)
+
+
+def _collect(
+    processes: Sequence[BaseProcess], reports: Any, start: StartLine, deadline: float
+) -> dict[int, PodReport]:
+    """Every pod's report; a pod that died or overran is reported as failed, and the barrier
+    is broken so that nobody waits for a pod that will never arrive."""
+    collected: dict[int, PodReport] = {}
+    exited_at: dict[int, float] = {}
+    while len(collected) < len(processes):
+        with contextlib.suppress(queue.Empty):
+            report: PodReport = reports.get(timeout=0.05)
+            collected[report.pod] = report
+            continue
+        now = time.monotonic()
+        for index, process in enumerate(processes):
+            if index in collected or process.exitcode is None:
+                continue
+            # A pod that exited cleanly flushed its report first; give the pipe a moment.
+            if now - exited_at.setdefault(index, now) > 1.0:
+                collected[index] = PodReport(
+                    pod=index, failure=f"pod exited with code {process.exitcode} without a report"
+                )
+                start.abort()
+        if now > deadline:
+            for index in range(len(processes)):
+                collected.setdefault(
+                    index, PodReport(pod=index, failure="pod did not finish in time")
+                )
+            start.abort()
+    return collected
+
+
+def _stop(processes: Sequence[BaseProcess], grace: float) -> None:
+    for process in processes:
+        process.join(timeout=grace)
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+            process.join(timeout=2.0)
+        if process.is_alive():
+            process.kill()
+            process.join()
+
+
+def _run_pods(spec: _Spec, pods: int) -> list[PodReport]:
+    context = multiprocessing.get_context("spawn")
+    start = StartLine(context, pods)
+    reports = context.Queue()
+    processes = [
+        context.Process(
+            target=_pod_main,
+            args=(spec, index, start, reports),
+            name=f"race-pod-{index}",
+        )
+        for index in range(pods)
+    ]
+    grace = 0.0  # interrupted or failed: terminate the pods at once
+    try:
+        for process in processes:
+            process.start()
+        deadline = time.monotonic() + SETUP_TIMEOUT + CALL_TIMEOUT + 10.0
+        collected = _collect(processes, reports, start, deadline)
+        grace = 5.0
+    finally:
+        start.abort()
+        _stop([process for process in processes if process.pid is not None], grace)
+        reports.close()
+    return [collected[index] for index in range(pods)]
+
+
+def _percentile(ordered: Sequence[float], q: float) -> float | None:
+    """Nearest-rank percentile of an ascending sequence."""
+    if not ordered:
+        return None
+    return ordered[max(1, math.ceil(q / 100 * len(ordered))) - 1]
+
+
+def _aggregate(
+    spec: _Spec, pods: int, db_value: float, reports: Sequence[PodReport], final: float | None
+) -> RaceResult:
+    latencies = sorted(ms for report in reports for ms in report.latencies_ms)
+    values = [value for report in reports for value in report.values]
+    errors = Counter(name for report in reports for name in report.errors)
+    coordinated = [report.stats for report in reports if report.stats is not None]
+    stats = (
+        {name: sum(counts[name] for counts in coordinated) for name in coordinated[0]}
+        if coordinated
+        else None
+    )
+    return RaceResult(
+        strategy=spec.strategy,
+        pods=pods,
+        callers=spec.callers,
+        db_delay_ms=spec.db_delay_ms,
+        db_value=db_value,
+        final_counter=final,
+        db_reads=sum(report.db_reads for report in reports),
+        min_returned=min(values, default=None),
+        max_returned=max(values, default=None),
+        p50_ms=_round(_percentile(latencies, 50)),
+        p99_ms=_round(_percentile(latencies, 99)),
+        max_ms=_round(latencies[-1] if latencies else None),
+        start_lag_ms=round(max(report.start_lag_ms for report in reports), 2),
+        errors=sum(errors.values()),
+        error_types=dict(errors),
+        stats=stats,
+    )
+
+
+def _round(ms: float | None) -> float | None:
+    return None if ms is None else round(ms, 2)
+
+
+def run_race(
+    strategy: Strategy,
+    servers: Servers,
+    *,
+    pods: int = 8,
+    callers: int = 16,
+    db_delay_ms: float = 50.0,
+    db_value: float = 100.0,
+) -> RaceResult:
+    """Race ``pods`` processes of ``callers`` callers each on one cold counter.
+
+    Raises :class:`RaceError` if a server is unreachable or any pod failed as a whole;
+    errors of single calls are counted in the result instead.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+    if pods < 1 or callers < 1:
+        raise ValueError(f"pods and callers must be >= 1, got {pods} and {callers}")
+    if not math.isfinite(db_delay_ms) or db_delay_ms < 0:
+        raise ValueError(f"db_delay_ms must be a finite number >= 0, got {db_delay_ms}")
+    run_id = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+    spec = _Spec(
+        strategy=strategy,
+        callers=callers,
+        db_delay_ms=db_delay_ms,
+        servers=servers,
+        key=f"race:spend:key:{run_id}",
+        row_id=run_id,
+    )
+    asyncio.run(_prepare(servers, run_id, db_value))
+    reports = _run_pods(spec, pods)
+    failed = sorted((r for r in reports if r.failure), key=lambda r: r.collateral)
+    failures = [f"pod {report.pod}: {report.failure}" for report in failed]
+    final = None
+    try:
+        final = asyncio.run(_finish(servers, spec.key, pods, run_id))
+    except Exception as exc:
+        failures.append(f"reading the final counter: {_describe(exc)}")
+    if failures:
+        raise RaceError(f"{strategy} race failed:\n  " + "\n  ".join(failures))
+    return _aggregate(spec, pods, db_value, reports, final)
+
+
+@contextlib.contextmanager
+def race_servers(
+    redis_url: str | None = None,
+    lock_urls: Sequence[str] = (),
+    pg_dsn: str | None = None,
+) -> Iterator[Servers]:
+    """The servers to race on: those given, plus embedded ones for whatever is missing
+    (the counter store, three lock masters, PostgreSQL), stopped on exit."""
+    embedded_redis = (0 if redis_url else 1) + (0 if lock_urls else 3)
+    if not embedded_redis and pg_dsn:
+        yield Servers(redis_url or "", tuple(lock_urls), pg_dsn)
+        return
+    try:
+        running = EmbeddedServers(redis_count=embedded_redis, postgres=not pg_dsn)
+        running.start()
+    except EmbeddedServerError as exc:
+        raise RaceError(f"cannot start the embedded servers: {exc}") from exc
+    try:
+        urls = iter(running.redis_urls)
+        store = redis_url or next(urls)
+        masters = tuple(lock_urls) or tuple(urls)
+        dsn = pg_dsn or (running.postgres.dsn if running.postgres else "")
+        yield Servers(store, masters, dsn)
+    finally:
+        running.close()
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.15g}"
+
+
+def format_table(results: Sequence[RaceResult]) -> str:
+    """The results side by side, one strategy per row."""
+    header = (
+        "strategy",
+        "pods x callers",
+        "db value",
+        "final counter",
+        "x db",
+        "db reads",
+        "returned min..max",
+        "p50 ms",
+        "p99 ms",
+        "errors",
+    )
+    rows = [
+        (
+            result.strategy,
+            f"{result.pods} x {result.callers}",
+            _number(result.db_value),
+            _number(result.final_counter),
+            _number(None if result.inflation is None else round(result.inflation, 3)),
+            str(result.db_reads),
+            f"{_number(result.min_returned)}..{_number(result.max_returned)}",
+            _number(result.p50_ms),
+            _number(result.p99_ms),
+            str(result.errors),
+        )
+        for result in results
+    ]
+    widths = [max(len(row[column]) for row in (header, *rows)) for column in range(len(header))]
+    numeric = range(2, len(header))
+    lines = [
+        "  ".join(
+            cell.rjust(width) if column in numeric else cell.ljust(width)
+            for column, (cell, width) in enumerate(zip(row, widths, strict=True))
+        ).rstrip()
+        for row in (header, *rows)
+    ]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    delay = ", ".join(f"{ms:g}" for ms in sorted({result.db_delay_ms for result in results}))
+    lag = max(result.start_lag_ms for result in results)
+    notes = [
+        f"DB delay {delay} ms per read (pg_sleep). Latencies run from the common start; "
+        f"the latest pod woke {lag:g} ms after it."
+    ]
+    notes += [
+        f"{result.strategy}: the last pod woke {result.start_lag_ms:g} ms after the start, a large "
+        "part of the DB delay, so some pods may have missed the race (a busy machine?)"
+        for result in results
+        if result.strategy != "coordinated" and result.start_lag_ms > result.db_delay_ms / 2
+    ]
+    notes += [
+        f"{result.strategy} errors: {result.error_types}" for result in results if result.errors
+    ]
+    return "\n".join([*lines, "", *notes])
