@@ -18,6 +18,7 @@ Strategies:
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import functools
@@ -44,6 +45,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from .cliargs import CommandError, add_server_flags, non_negative, positive_int, print_json
 from .coordinator import Loader, ReseedCoordinator
 from .embedded import EmbeddedServerError, EmbeddedServers
 from .keys import fence_key
@@ -66,7 +68,7 @@ START_LEAD = 0.1  # seconds from the last pod's arrival at the barrier to the st
 START_LEAD_PER_POD = 0.01  # ...plus this per pod
 
 
-class RaceError(RuntimeError):
+class RaceError(CommandError):
     """The race could not be run: a server is unreachable or a pod failed or vanished."""
 
 
@@ -642,3 +644,71 @@ def format_table(results: Sequence[RaceResult]) -> str:
         f"{result.strategy} errors: {result.error_types}" for result in results if result.errors
     ]
     return "\n".join([*lines, "", *notes])
+
+
+# -- command line ------------------------------------------------------------------
+
+
+def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = commands.add_parser(
+        "race",
+        help="race P processes on one cold counter and compare rebuild strategies",
+        description=(
+            "Race P OS processes (C concurrent callers each), released together by a barrier, "
+            "onto one cold counter whose value is a PostgreSQL row. Servers not given by URL "
+            "are started embedded (counter store, 3 lock masters, PostgreSQL) and stopped "
+            "at the end."
+        ),
+    )
+    parser.add_argument("--pods", type=positive_int, default=8, help="processes (default 8)")
+    parser.add_argument(
+        "--callers", type=positive_int, default=16, help="concurrent callers per pod (default 16)"
+    )
+    parser.add_argument(
+        "--strategy",
+        choices=[*STRATEGIES, "all"],
+        default="all",
+        help=(
+            "coordinated: ReseedCoordinator; per-process: LiteLLM 1.84.10 (SET NX, "
+            "per-process lock); naive: LiteLLM 1.83.14 (INCRBYFLOAT); all: the three in turn "
+            "(default)"
+        ),
+    )
+    parser.add_argument(
+        "--db-delay-ms",
+        type=non_negative,
+        default=50.0,
+        help="pg_sleep added to every DB read (default 50)",
+    )
+    parser.add_argument(
+        "--db-value", type=non_negative, default=100.0, help="the row's spend (default 100)"
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="print JSON (a list of objects with --strategy all)"
+    )
+    add_server_flags(parser)
+    parser.set_defaults(run=_race)
+
+
+def _race(args: argparse.Namespace) -> int:
+    strategies: list[Strategy] = (
+        list(STRATEGIES) if args.strategy == "all" else [args.strategy]
+    )
+    with race_servers(args.redis_url, args.lock_url, args.pg_dsn) as servers:
+        results = [
+            run_race(
+                strategy,
+                servers,
+                pods=args.pods,
+                callers=args.callers,
+                db_delay_ms=args.db_delay_ms,
+                db_value=args.db_value,
+            )
+            for strategy in strategies
+        ]
+    if args.json:
+        documents = [result.as_dict() for result in results]
+        print_json(documents if args.strategy == "all" else documents[0])
+    else:
+        print(format_table(results))
+    return 0
