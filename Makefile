@@ -10,7 +10,7 @@ venv: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -e '.[embedded,dev]'
+	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
 demo: venv
