@@ -160,6 +160,11 @@ class ReseedCoordinator:
         return coordinator
 
     @property
+    def store(self) -> Redis:
+        """The counter store's client (for callers' own scripts on the same counters)."""
+        return self._store.client
+
+    @property
     def stats(self) -> Stats:
         """A snapshot of this coordinator's counters."""
         return replace(self._stats)
