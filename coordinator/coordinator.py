@@ -28,7 +28,6 @@ import logging
 import math
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
-from types import TracebackType
 from typing import Any, Literal, TypeVar
 
 from redis.asyncio import Redis
@@ -255,12 +254,7 @@ class ReseedCoordinator:
     async def __aenter__(self) -> ReseedCoordinator:
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
     # -- the miss path -------------------------------------------------------------------

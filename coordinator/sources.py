@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from decimal import Decimal
-from types import TracebackType
 from typing import Any
 
 import asyncpg
@@ -60,10 +59,5 @@ class PostgresSource:
     async def __aenter__(self) -> PostgresSource:
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
