@@ -1,0 +1,129 @@
+"""Pods for the multi-process tests: each one an OS process (spawned, so nothing is shared
+with the parent but what is pickled) with its own coordinator, its own Redis and PostgreSQL
+clients, and ``callers`` concurrent callers of one counter.
+
+Spawned children import this module by name through the ``sys.path`` they inherit from the
+parent, where pytest's default ``prepend`` import mode has put ``tests/``.
+
+A pod reports one dict per round on the results queue: the values its callers got (or the
+errors they raised), how often its loader ran, its stats for the round, and the slowest
+call. A pod that fails outside a call reports ``{"pod": name, "error": ...}`` instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from multiprocessing.queues import Queue
+from multiprocessing.synchronize import Barrier, Event
+from typing import Any, Literal
+
+from coordinator import ReseedCoordinator
+from coordinator.sources import PostgresSource
+from coordinator.stats import Stats
+
+TABLE = "process_spend"
+# pg_sleep in FROM runs once per query: the DB delay that makes the pods' reads overlap.
+QUERY = f"SELECT s.value FROM {TABLE} s, pg_sleep($2) WHERE s.id = $1"
+# Every wait in a pod is bounded, so a broken coordinator fails the test instead of hanging it.
+GATE_TIMEOUT = 30.0
+
+Op = Literal["get", "add"]
+
+
+@dataclass(frozen=True)
+class PodSpec:
+    """What one pod does. ``ops[r]`` is round r's call: ``get``, or ``add`` (an increment
+    by 1 with the loader, the lagging-source path). ``options`` go to ``from_urls``."""
+
+    name: str
+    store_url: str
+    lock_urls: tuple[str, ...]
+    dsn: str
+    key: str
+    row: str
+    callers: int = 1
+    ops: tuple[Op, ...] = ("get",)
+    db_delay: float = 0.0
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Links:
+    """The pod's ties to the parent. ``ready`` is passed once the pod is set up; ``gates[r]``
+    releases round r. The loader sets ``loading`` after its DB read and then, if ``proceed``
+    is given, holds the value until the parent sets it (a holder stalled mid-rebuild)."""
+
+    results: Queue[dict[str, Any]]
+    ready: Barrier
+    gates: tuple[Barrier, ...]
+    loading: Event | None = None
+    proceed: Event | None = None
+
+
+def run(spec: PodSpec, links: Links) -> None:
+    """Process entry point."""
+    try:
+        asyncio.run(_run(spec, links))
+    except BaseException as exc:
+        links.results.put({"pod": spec.name, "error": repr(exc)})
+        raise
+
+
+async def _run(spec: PodSpec, links: Links) -> None:
+    calls = 0
+
+    async with (
+        await PostgresSource.connect(spec.dsn, QUERY, max_size=2) as source,
+        ReseedCoordinator.from_urls(
+            spec.store_url, lock_urls=list(spec.lock_urls), **spec.options
+        ) as coordinator,
+    ):
+
+        async def load() -> float:
+            nonlocal calls
+            calls += 1
+            value = await source.fetch(spec.row, spec.db_delay)
+            if links.loading is not None:
+                links.loading.set()
+            if links.proceed is not None:
+                await asyncio.to_thread(links.proceed.wait, GATE_TIMEOUT)
+            return value
+
+        async def call(op: Op) -> tuple[float | None, float]:
+            began = time.monotonic()
+            if op == "get":
+                value: float | None = await coordinator.get(spec.key, load)
+            else:
+                value = await coordinator.increment(spec.key, 1.0, loader=load)
+            return value, time.monotonic() - began
+
+        await _pass(links.ready)
+        for round_no, (gate, op) in enumerate(zip(links.gates, spec.ops, strict=True)):
+            await _pass(gate)
+            calls, before = 0, coordinator.stats
+            outcomes = await asyncio.gather(
+                *(call(op) for _ in range(spec.callers)), return_exceptions=True
+            )
+            done = [outcome for outcome in outcomes if isinstance(outcome, tuple)]
+            links.results.put(
+                {
+                    "pod": spec.name,
+                    "round": round_no,
+                    "values": [value for value, _ in done],
+                    "errors": [repr(o) for o in outcomes if isinstance(o, BaseException)],
+                    "slowest": max((elapsed for _, elapsed in done), default=0.0),
+                    "loader_calls": calls,
+                    "stats": _delta(coordinator.stats, before),
+                }
+            )
+
+
+async def _pass(barrier: Barrier) -> None:
+    await asyncio.to_thread(barrier.wait, GATE_TIMEOUT)
+
+
+def _delta(after: Stats, before: Stats) -> dict[str, int]:
+    old = before.as_dict()
+    return {name: count - old[name] for name, count in after.as_dict().items()}

@@ -1,0 +1,314 @@
+"""Properties about OS processes: pods in separate processes (spawned), each with its own
+coordinator and clients, racing on one counter whose value is a real PostgreSQL row.
+
+The parent drives the pods through barriers and events (every wait bounded) and checks
+what they report (see ``pods``) against the row and the stored counter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+import signal
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
+from multiprocessing.process import BaseProcess
+from multiprocessing.queues import Queue
+from multiprocessing.synchronize import Barrier, Event
+from typing import Any
+
+import asyncpg
+import pytest
+from pods import GATE_TIMEOUT, TABLE, Links, PodSpec, run
+from redis import Redis
+
+from coordinator.embedded import EmbeddedServers
+
+Report = dict[str, Any]
+
+
+class Fleet:
+    """Spawned pods sharing one results queue; ``close`` kills whatever is still alive."""
+
+    def __init__(self) -> None:
+        self._ctx = multiprocessing.get_context("spawn")
+        self.results: Queue[Report] = self._ctx.Queue()
+        self.procs: dict[str, BaseProcess] = {}
+        # A named semaphore is unlinked when its parent-side object is collected, which can
+        # happen before a spawned child has opened it: keep them all until close.
+        self._primitives: list[Barrier | Event] = []
+
+    def barrier(self, parties: int) -> Barrier:
+        barrier = self._ctx.Barrier(parties)
+        self._primitives.append(barrier)
+        return barrier
+
+    def event(self) -> Event:
+        event = self._ctx.Event()
+        self._primitives.append(event)
+        return event
+
+    def start(self, spec: PodSpec, links: Links) -> None:
+        proc = self._ctx.Process(target=run, args=(spec, links), name=spec.name, daemon=True)
+        proc.start()
+        self.procs[spec.name] = proc
+
+    def collect(self, count: int) -> list[Report]:
+        """The next ``count`` round reports; a pod's setup error fails the test at once."""
+        reports = []
+        for _ in range(count):
+            report = self.results.get(timeout=GATE_TIMEOUT)
+            assert "error" not in report, f"pod {report['pod']} failed: {report['error']}"
+            reports.append(report)
+        return reports
+
+    def close(self) -> None:
+        for proc in self.procs.values():
+            if proc.is_alive():
+                proc.kill()
+            proc.join(5)
+        self.results.close()
+        self.results.join_thread()
+
+
+@pytest.fixture
+def fleet() -> Iterator[Fleet]:
+    pods = Fleet()
+    try:
+        yield pods
+    finally:
+        pods.close()
+
+
+class Rows:
+    """The source of truth: rows of a real table, one per test."""
+
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+
+    def put(self, row: str, value: float) -> None:
+        asyncio.run(
+            self.execute(
+                f"INSERT INTO {TABLE} (id, value) VALUES ($1, $2) "
+                "ON CONFLICT (id) DO UPDATE SET value = EXCLUDED.value",
+                row,
+                value,
+            )
+        )
+
+    async def execute(self, sql: str, *args: object) -> None:
+        conn = await asyncpg.connect(self.dsn)
+        try:
+            await conn.execute(sql, *args)
+        finally:
+            await conn.close()
+
+
+@pytest.fixture(scope="module")
+def rows(servers: EmbeddedServers) -> Rows:
+    assert servers.postgres is not None
+    source = Rows(servers.postgres.dsn)
+    asyncio.run(
+        source.execute(
+            f"CREATE TABLE IF NOT EXISTS {TABLE} (id text PRIMARY KEY, value numeric NOT NULL)"
+        )
+    )
+    return source
+
+
+def pod_spec(env: EmbeddedServers, dsn: str, name: str, key: str, **fields: Any) -> PodSpec:
+    return PodSpec(
+        name=name,
+        store_url=env.redis[0].url,
+        lock_urls=tuple(server.url for server in env.redis[1:4]),
+        dsn=dsn,
+        key=key,
+        row=key,
+        **fields,
+    )
+
+
+def counter(env: EmbeddedServers, key: str) -> float | None:
+    with Redis.from_url(env.redis[0].url) as client:
+        raw = client.get(key)
+    return None if raw is None else float(raw)
+
+
+def lease_holders(env: EmbeddedServers, key: str) -> int:
+    """How many lock masters hold a lease on ``key`` (any generation)."""
+    pattern = f"redlock:{key}\x1flease\x1f*"
+    holders = 0
+    for server in env.redis[1:4]:
+        with Redis.from_url(server.url) as client:
+            holders += bool(client.keys(pattern))
+    return holders
+
+
+def values_of(reports: Sequence[Report]) -> list[float]:
+    return [value for report in reports for value in report["values"]]
+
+
+def errors_of(reports: Sequence[Report]) -> list[str]:
+    return [error for report in reports for error in report["errors"]]
+
+
+def loader_calls(reports: Sequence[Report]) -> int:
+    return sum(report["loader_calls"] for report in reports)
+
+
+def stat(reports: Sequence[Report], name: str) -> int:
+    return sum(report["stats"][name] for report in reports)
+
+
+def fresh_key() -> str:
+    return f"spend:proc:{uuid.uuid4().hex}"
+
+
+def test_pods_racing_a_cold_key_read_the_db_once(
+    fleet: Fleet, servers: EmbeddedServers, rows: Rows
+) -> None:
+    pods, callers, db_value = 6, 8, 100.25
+    key = fresh_key()
+    rows.put(key, db_value)
+    assert servers.postgres is not None
+    ready, go = fleet.barrier(pods + 1), fleet.barrier(pods + 1)
+    for i in range(pods):
+        spec = pod_spec(
+            servers, servers.postgres.dsn, f"pod{i}", key, callers=callers, db_delay=0.2
+        )
+        fleet.start(spec, Links(fleet.results, ready, (go,)))
+    ready.wait(GATE_TIMEOUT)
+    go.wait(GATE_TIMEOUT)
+
+    reports = fleet.collect(pods)
+    assert errors_of(reports) == []
+    assert values_of(reports) == [db_value] * (pods * callers)
+    assert loader_calls(reports) == 1
+    assert stat(reports, "seeds_won") == 1
+    assert counter(servers, key) == db_value
+
+
+def test_holder_killed_mid_rebuild_is_overtaken_after_its_lease(
+    fleet: Fleet, servers: EmbeddedServers, rows: Rows
+) -> None:
+    db_value, wait = 42.5, 10.0
+    key = fresh_key()
+    rows.put(key, db_value)
+    assert servers.postgres is not None
+    options = {"lease": 1.0, "lease_extensions": 0, "wait": wait}
+    base = pod_spec(servers, servers.postgres.dsn, "A", key, callers=4, options=options)
+    ready, go_holder, go_rest = fleet.barrier(4), fleet.barrier(2), fleet.barrier(3)
+    loading = fleet.event()
+    # A's loader reads the row, says so, then never returns: it dies holding the lease.
+    fleet.start(base, Links(fleet.results, ready, (go_holder,), loading, fleet.event()))
+    for name in ("B", "C"):
+        fleet.start(replace(base, name=name), Links(fleet.results, ready, (go_rest,)))
+    ready.wait(GATE_TIMEOUT)
+    go_holder.wait(GATE_TIMEOUT)
+    assert loading.wait(GATE_TIMEOUT)
+    holder = fleet.procs["A"]
+    assert holder.pid is not None
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.join(GATE_TIMEOUT)
+    # Checked after the kill, so B and C certainly meet a dead holder's live lease.
+    assert lease_holders(servers, key) >= 2
+    go_rest.wait(GATE_TIMEOUT)
+
+    reports = fleet.collect(2)
+    assert errors_of(reports) == []
+    assert values_of(reports) == [db_value] * 8
+    assert loader_calls(reports) == 1  # the one extra DB read, A's being the first
+    assert stat(reports, "leases_lost") >= 1
+    assert max(report["slowest"] for report in reports) < wait
+    assert counter(servers, key) == db_value
+
+
+def test_holder_paused_past_its_lease_is_fenced_out(
+    fleet: Fleet, servers: EmbeddedServers, rows: Rows
+) -> None:
+    # A reads v1 under its lease and is SIGSTOPped before its seed; its lease keeper is
+    # frozen with it, so the lease lapses. The row changes to v2. B then wins the lease,
+    # takes a newer fencing token and reads v2, and holds there. Now A resumes: the counter
+    # is still absent, so the seed script's "present" check passes and only the fence can
+    # refuse A's stale v1. Then B seeds v2. (Had B seeded first, A would merely lose the
+    # SET NX; had a reset come instead of B, it would test the reset, not the pause.)
+    old, new = 10.0, 250.0
+    key = fresh_key()
+    rows.put(key, old)
+    assert servers.postgres is not None
+    options = {"lease": 1.0, "lease_extensions": 3, "wait": GATE_TIMEOUT}
+    base = pod_spec(servers, servers.postgres.dsn, "A", key, options=options)
+    ready, go_a, go_b = fleet.barrier(3), fleet.barrier(2), fleet.barrier(2)
+    a_loading, a_proceed, b_loading, b_proceed = (fleet.event() for _ in range(4))
+    fleet.start(base, Links(fleet.results, ready, (go_a,), a_loading, a_proceed))
+    fleet.start(replace(base, name="B"), Links(fleet.results, ready, (go_b,), b_loading, b_proceed))
+    ready.wait(GATE_TIMEOUT)
+    go_a.wait(GATE_TIMEOUT)
+    assert a_loading.wait(GATE_TIMEOUT)
+    paused = fleet.procs["A"].pid
+    assert paused is not None
+    os.kill(paused, signal.SIGSTOP)
+    try:
+        rows.put(key, new)
+        go_b.wait(GATE_TIMEOUT)
+        assert b_loading.wait(GATE_TIMEOUT)
+    finally:
+        os.kill(paused, signal.SIGCONT)
+    # Only now: Event.set blocks until every sleeper on it has woken, and A's could not.
+    a_proceed.set()
+
+    (a,) = fleet.collect(1)
+    assert a["pod"] == "A"
+    assert a["errors"] == []
+    assert a["stats"]["fenced_writes"] == 1
+    assert a["stats"]["seeds_won"] == 0
+    assert a["values"][0] in (old, new)
+    assert counter(servers, key) is None  # A wrote nothing
+    b_proceed.set()
+    (b,) = fleet.collect(1)
+    assert b["values"] == [new]
+    assert b["stats"]["seeds_won"] == 1
+    assert loader_calls([a, b]) == 2
+    assert counter(servers, key) == new
+
+
+def test_store_restart_rebuilds_once(
+    fleet: Fleet, servers: EmbeddedServers, own_servers: EmbeddedServers, rows: Rows
+) -> None:
+    pods, callers, first, second = 4, 4, 30.0, 75.5
+    key = fresh_key()
+    rows.put(key, first)
+    assert servers.postgres is not None
+    ready, round_one, round_two = (fleet.barrier(pods + 1) for _ in range(3))
+    for i in range(pods):
+        spec = pod_spec(
+            own_servers,
+            servers.postgres.dsn,
+            f"pod{i}",
+            key,
+            callers=callers,
+            ops=("get", "add"),
+            db_delay=0.1,
+        )
+        fleet.start(spec, Links(fleet.results, ready, (round_one, round_two)))
+    ready.wait(GATE_TIMEOUT)
+    round_one.wait(GATE_TIMEOUT)
+    reports = fleet.collect(pods)
+    assert errors_of(reports) == []
+    assert values_of(reports) == [first] * (pods * callers)
+    assert loader_calls(reports) == 1
+
+    # The pods keep their (now stale) connections across the restart, as live pods would.
+    own_servers.redis[0].restart()
+    assert counter(own_servers, key) is None
+    rows.put(key, second)  # spend flushed to the DB meanwhile
+    round_two.wait(GATE_TIMEOUT)
+    reports = fleet.collect(pods)
+    assert errors_of(reports) == []
+    assert loader_calls(reports) == 1
+    total = pods * callers
+    # Each increment lands once on the one rebuilt counter: no snapshot is added twice.
+    assert sorted(values_of(reports)) == [second + n for n in range(1, total + 1)]
+    assert counter(own_servers, key) == second + total
