@@ -33,9 +33,10 @@ from typing import Any, Literal, TypeVar
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from tenacity import AsyncRetrying, RetryError, retry_if_result, stop_before_delay
+from tenacity import AsyncRetrying, RetryError, retry_if_result
 from tenacity.wait import wait_random_exponential
 
+from .deadline import Deadline, stop_before_deadline, wait_until
 from .errors import (
     ConfigurationError,
     CoordinatorClosedError,
@@ -62,6 +63,13 @@ Loader = Callable[[], Awaitable[float]]
 OnTimeout = Literal["raise", "load"]
 
 
+def _being_cancelled() -> bool:
+    """Whether the current task itself is being cancelled (3.11+; on 3.10 assume not)."""
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)
+    return bool(cancelling()) if cancelling is not None else False
+
+
 def _positive(name: str, value: float | None, *, optional: bool = False) -> None:
     if value is None and optional:
         return
@@ -80,7 +88,8 @@ class ReseedCoordinator:
     across every process that shares the same counter store and lock masters.
 
     ``ttl`` is the counter's expiry (None: never), ``lease`` the Redlock lease a rebuild
-    holds (extended up to ``lease_extensions`` times while the loader runs), ``wait`` the
+    holds (extended every ``lease/2`` while the loader runs; ``lease_extensions`` caps the
+    extensions, None: as long as the loader runs, which its deadline bounds), ``wait`` the
     default deadline of a call. ``on_timeout="load"`` makes a call whose deadline passed
     read the loader directly (bounded by another ``wait``) and return that without writing.
     """
@@ -93,7 +102,7 @@ class ReseedCoordinator:
         ttl: float | None = 60.0,
         lease: float = 10.0,
         wait: float = 15.0,
-        lease_extensions: int = 3,
+        lease_extensions: int | None = None,
         backoff_initial: float = 0.005,
         backoff_max: float = 0.1,
         on_timeout: OnTimeout = "raise",
@@ -106,14 +115,20 @@ class ReseedCoordinator:
         _positive("backoff_initial", backoff_initial)
         _positive("backoff_max", backoff_max)
         _positive("fence_ttl", fence_ttl, optional=True)
-        if isinstance(lease_extensions, bool) or not isinstance(lease_extensions, int):
-            raise ConfigurationError(f"lease_extensions must be an int, got {lease_extensions!r}")
-        if lease_extensions < 0:
-            raise ConfigurationError(f"lease_extensions must be >= 0, got {lease_extensions}")
+        if lease_extensions is not None and (
+            isinstance(lease_extensions, bool)
+            or not isinstance(lease_extensions, int)
+            or lease_extensions < 0
+        ):
+            raise ConfigurationError(
+                f"lease_extensions must be None or an int >= 0, got {lease_extensions!r}"
+            )
         if on_timeout not in ("raise", "load"):
             raise ConfigurationError(f"on_timeout must be 'raise' or 'load', got {on_timeout!r}")
-        if fence_ttl is not None and fence_ttl <= lease * (lease_extensions + 1):
-            # A fence that expires under a live holder would let its token be granted again.
+        longest_hold = wait + lease if lease_extensions is None else lease * (lease_extensions + 1)
+        if fence_ttl is not None and fence_ttl <= longest_hold:
+            # Tokens restart from the server clock when a fence expires, so they stay
+            # monotonic; a fence that outlives every holder keeps that independent of clocks.
             raise ConfigurationError("fence_ttl must outlive a lease with all its extensions")
         self._store = CounterStore(store, fence_ttl=fence_ttl)
         self._signals = SeedSignals(store)
@@ -127,6 +142,7 @@ class ReseedCoordinator:
         self._on_timeout: OnTimeout = on_timeout
         self._backoff = wait_random_exponential(multiplier=backoff_initial, max=backoff_max)
         self._flights: SingleFlight[str, tuple[float, bool]] = SingleFlight()
+        self._deadlines: dict[asyncio.Future[tuple[float, bool]], Deadline] = {}
         self._stats = Stats()
         self._observer = observer
         self._owned: list[Redis] = []
@@ -263,12 +279,22 @@ class ReseedCoordinator:
         self._check_open()
         loop = asyncio.get_running_loop()
         started = loop.time()
-        deadline = started + budget
+        deadline = Deadline(started + budget)
         flight, joined = self._flights.join(key, lambda: self._rebuild(key, loader, deadline))
         if joined:
             self._count("joined")
+            self._deadlines[flight].extend(deadline.at)
+        else:
+            self._deadlines[flight] = deadline
+            flight.add_done_callback(self._deadlines.pop)
         try:
             value, loaded = await asyncio.wait_for(self._guard(asyncio.shield(flight)), budget)
+        except asyncio.CancelledError:
+            if self._closed and flight.cancelled() and not _being_cancelled():
+                raise CoordinatorClosedError(
+                    f"the coordinator was closed while rebuilding {key!r}", key=key
+                ) from None
+            raise
         except (asyncio.TimeoutError, ReseedTimeoutError):
             self._count("timeouts")
             if self._on_timeout == "raise":
@@ -276,18 +302,18 @@ class ReseedCoordinator:
                     f"no value for counter {key!r} within {budget:.3g}s", key=key
                 ) from None
             self._count("fallback_reads")
-            return await self._load(key, loader, loop.time() + budget)
+            return await self._load(key, loader, Deadline(loop.time() + budget))
         if self._observer is not None:
             role: MissRole = "loaded" if loaded and not joined else "waited"
             self._observer.on_miss(role, loop.time() - started)
         return value
 
-    async def _rebuild(self, key: str, loader: Loader, deadline: float) -> tuple[float, bool]:
+    async def _rebuild(self, key: str, loader: Loader, deadline: Deadline) -> tuple[float, bool]:
         """The value, and whether this flight ran the loader to get it."""
         try:
             async with self._signals.watch(key) as sleep:
                 retrying = AsyncRetrying(
-                    stop=stop_before_delay(max(0.0, deadline - asyncio.get_running_loop().time())),
+                    stop=stop_before_deadline(deadline),
                     wait=self._backoff,
                     sleep=sleep,
                     retry=retry_if_result(lambda outcome: outcome is None),
@@ -298,7 +324,7 @@ class ReseedCoordinator:
         return outcome
 
     async def _attempt(
-        self, key: str, loader: Loader, deadline: float
+        self, key: str, loader: Loader, deadline: Deadline
     ) -> tuple[float, bool] | None:
         """One try: the stored or rebuilt value, or None to back off and retry."""
         present, generation = await self._store.probe(key)
@@ -318,7 +344,7 @@ class ReseedCoordinator:
         async with lease:
             return await self._seed(key, loader, deadline)
 
-    async def _seed(self, key: str, loader: Loader, deadline: float) -> tuple[float, bool]:
+    async def _seed(self, key: str, loader: Loader, deadline: Deadline) -> tuple[float, bool]:
         token, present = await self._store.take_token(key)
         if present is not None:
             return present, False
@@ -335,9 +361,8 @@ class ReseedCoordinator:
             log.info("fenced write refused", extra={"key": key, "token": token})
         return (value if outcome.value is None else outcome.value), True
 
-    async def _load(self, key: str, loader: Loader, deadline: float) -> float:
-        remaining = deadline - asyncio.get_running_loop().time()
-        if remaining <= 0:
+    async def _load(self, key: str, loader: Loader, deadline: Deadline) -> float:
+        if deadline.remaining() <= 0:
             raise ReseedTimeoutError(f"no time left to load {key!r}", key=key)
         self._count("loader_calls")
         started = asyncio.get_running_loop().time()
@@ -348,11 +373,11 @@ class ReseedCoordinator:
                     f"loader for {key!r} must be an async callable; it returned {pending!r}",
                     key=key,
                 )
-            raw = await asyncio.wait_for(pending, remaining)
+            raw = await wait_until(deadline, pending)
         except asyncio.TimeoutError:
             self._count("loader_errors")
             raise ReseedTimeoutError(
-                f"loader for {key!r} did not answer within {remaining:.3g}s", key=key
+                f"loader for {key!r} did not answer by the deadline", key=key
             ) from None
         except ReseedError:
             self._count("loader_errors")

@@ -5,8 +5,10 @@ Correctness never rests on the lease (the seed is fenced), so every failure here
 
 * an ``AIORedlock`` object holds the token of its last acquire, so sharing one between
   concurrent tasks makes the holder's release fail: we make a new object per attempt;
-* cancelling an acquire leaves the lock on the masters for the whole lease, so acquires are
-  bounded by the lock clients' socket timeouts, never by ``wait_for``;
+* a call fans out to every master in tasks of its own: cancelling it orphans those tasks and
+  can leave the lock on the masters for the whole lease. So calls are bounded by the lock
+  clients' socket timeouts, never by ``wait_for``, and a cancelled caller first lets its
+  call finish (and undoes an acquire that succeeded meanwhile): see :func:`_finish`;
 * a dead master costs seconds per acquire under redis-py's default retries, so lock clients
   are built with retries off and short timeouts (:func:`lock_client`).
 """
@@ -16,7 +18,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Sequence
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
 
 from pottery import AIORedlock
 from pottery.exceptions import (
@@ -30,6 +34,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class _DropMasterTracebacks(logging.Filter):
@@ -57,10 +63,30 @@ def lock_client(url: str, *, timeout: float = 0.3) -> Redis:
     )
 
 
+async def _finish(call: Awaitable[T], undo: Callable[[T], Awaitable[object]] | None = None) -> T:
+    """Await a pottery call; if the caller is cancelled, let the call finish first (it is
+    bounded by socket timeouts), run ``undo`` on its result, then go on cancelling."""
+    task = asyncio.ensure_future(call)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            result = await task
+            if undo is not None:
+                await undo(result)
+        raise
+
+
+async def _release(lock: AIORedlock) -> None:
+    with contextlib.suppress(ReleaseUnlockedLock, QuorumIsImpossible):
+        await _finish(lock.release())
+
+
 class Lease:
-    """A held Redlock. Inside ``async with`` it is extended in the background (a bounded
-    number of times) so that only a dead or stalled holder is overtaken; on exit it is
-    released, and a lease that already expired is not an error."""
+    """A held Redlock. Inside ``async with`` it is extended in the background (every half
+    lease, while the holder runs, up to the manager's cap if it has one) so that only a
+    dead or stalled holder is overtaken; on exit it is released, and a lease that already
+    expired is not an error."""
 
     def __init__(self, lock: AIORedlock, duration: float, on_extend: Callable[[], None]) -> None:
         self._lock = lock
@@ -77,15 +103,14 @@ class Lease:
             self._keeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._keeper
-        with contextlib.suppress(ReleaseUnlockedLock, QuorumIsImpossible):
-            await self._lock.release()
+        await _release(self._lock)
 
     async def _keep(self) -> None:
         while True:
             # Half the lease leaves room for a slow master before the lease lapses.
             await asyncio.sleep(self._duration / 2)
             try:
-                await self._lock.extend()
+                await _finish(self._lock.extend())
             except TooManyExtensions:
                 return
             except (ExtendUnlockedLock, QuorumIsImpossible):
@@ -97,7 +122,9 @@ class Lease:
 class LeaseManager:
     """Non-blocking Redlock acquires on a fixed set of masters."""
 
-    def __init__(self, masters: Sequence[Redis], *, duration: float, extensions: int) -> None:
+    def __init__(
+        self, masters: Sequence[Redis], *, duration: float, extensions: int | None
+    ) -> None:
         if not masters:
             raise ValueError("at least one lock master is required")
         self.masters = list(masters)
@@ -113,11 +140,15 @@ class LeaseManager:
             key=name,
             masters=self.masters,
             auto_release_time=self.duration,
-            num_extensions=self.extensions,
+            # No cap: the holder's work is bounded by its caller's deadline anyway.
+            num_extensions=sys.maxsize if self.extensions is None else self.extensions,
             raise_on_redis_errors=True,
         )
         try:
-            acquired = await lock.acquire(blocking=False)
+            acquired = await _finish(
+                lock.acquire(blocking=False),
+                undo=lambda won: _release(lock) if won else asyncio.sleep(0),
+            )
         except QuorumIsImpossible as exc:
             failed = len(list(exc.redis_errors))
             log.warning(
