@@ -90,8 +90,10 @@ class ReseedCoordinator:
     ``ttl`` is the counter's expiry (None: never), ``lease`` the Redlock lease a rebuild
     holds (extended every ``lease/2`` while the loader runs; ``lease_extensions`` caps the
     extensions, None: as long as the loader runs, which its deadline bounds), ``wait`` the
-    default deadline of a call. ``on_timeout="load"`` makes a call whose deadline passed
-    read the loader directly (bounded by another ``wait``) and return that without writing.
+    default deadline of a call. ``wake_on_seed`` ends losers' backoff the moment the winner
+    seeds (pub/sub); without it they notice at their next backoff re-read.
+    ``on_timeout="load"`` makes a call whose deadline passed read the loader directly
+    (bounded by another ``wait``) and return that without writing.
     """
 
     def __init__(
@@ -108,6 +110,7 @@ class ReseedCoordinator:
         on_timeout: OnTimeout = "raise",
         fence_ttl: float | None = 86400.0,
         observer: Observer | None = None,
+        wake_on_seed: bool = True,
     ) -> None:
         _positive("ttl", ttl, optional=True)
         _positive("lease", lease)
@@ -131,7 +134,7 @@ class ReseedCoordinator:
             # monotonic; a fence that outlives every holder keeps that independent of clocks.
             raise ConfigurationError("fence_ttl must outlive a lease with all its extensions")
         self._store = CounterStore(store, fence_ttl=fence_ttl)
-        self._signals = SeedSignals(store)
+        self._signals = SeedSignals(store, enabled=wake_on_seed)
         self._locks = LeaseManager(
             lock_masters if lock_masters is not None else [store],
             duration=lease,

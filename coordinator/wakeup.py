@@ -28,8 +28,9 @@ Sleep = Callable[[float], Awaitable[None]]
 
 
 class SeedSignals:
-    def __init__(self, client: Redis) -> None:
+    def __init__(self, client: Redis, *, enabled: bool = True) -> None:
         self._client = client
+        self._enabled = enabled
         self._pubsub: PubSub | None = None
         self._reader: asyncio.Task[None] | None = None
         self._waiters: dict[bytes, set[asyncio.Event]] = {}
@@ -40,6 +41,9 @@ class SeedSignals:
 
         Subscribes on the first sleep, so a flight that wins its lease at once costs nothing.
         """
+        if not self._enabled:
+            yield asyncio.sleep
+            return
         channel = seed_channel(key).encode()
         seeded = asyncio.Event()
         subscribed = False
