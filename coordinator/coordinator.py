@@ -46,7 +46,7 @@ from .errors import (
     ReseedTimeoutError,
     StoreError,
 )
-from .keys import lease_name, validate_key
+from .keys import validate_key
 from .lock import LeaseManager, QuorumUnavailable, lock_client
 from .observe import MissRole, Observer
 from .singleflight import SingleFlight
@@ -253,7 +253,10 @@ class ReseedCoordinator:
         """Delete the counter and fence out every rebuild of it in flight, fleet-wide."""
         key = validate_key(key)
         self._check_open()
-        await self._guard(self._store.reset(key))
+        generation = await self._guard(self._store.reset(key))
+        log.debug(
+            "counter reset", extra={"key": key, "generation": generation, "outcome": "reset"}
+        )
         # A get after this returns must start a fresh rebuild, not join the doomed one.
         self._flights.forget(key)
 
@@ -282,7 +285,33 @@ class ReseedCoordinator:
         self._check_open()
         loop = asyncio.get_running_loop()
         started = loop.time()
-        deadline = Deadline(started + budget)
+        role: MissRole = "failed"
+        try:
+            value, role = await self._fly(key, loader, budget)
+        except (asyncio.TimeoutError, ReseedTimeoutError):
+            self._count("timeouts")
+            if self._on_timeout == "raise":
+                raise ReseedTimeoutError(
+                    f"no value for counter {key!r} within {budget:.3g}s", key=key
+                ) from None
+            self._count("fallback_reads")
+            log.warning(
+                "no rebuild of %s within %.3gs; reading the loader directly, writing nothing",
+                key,
+                budget,
+                extra={"key": key, "outcome": "fallback_read", "wait": budget},
+            )
+            value = await self._load(key, loader, Deadline(loop.time() + budget))
+            role = "loaded"
+        finally:
+            if self._observer is not None:
+                self._observer.on_miss(role, loop.time() - started)
+        return value
+
+    async def _fly(self, key: str, loader: Loader, budget: float) -> tuple[float, MissRole]:
+        """Join (or start) this process's rebuild of ``key`` and wait for it, ``budget`` at
+        most; the value and whether this caller's flight ran the loader."""
+        deadline = Deadline(asyncio.get_running_loop().time() + budget)
         flight, joined = self._flights.join(key, lambda: self._rebuild(key, loader, deadline))
         if joined:
             self._count("joined")
@@ -298,18 +327,7 @@ class ReseedCoordinator:
                     f"the coordinator was closed while rebuilding {key!r}", key=key
                 ) from None
             raise
-        except (asyncio.TimeoutError, ReseedTimeoutError):
-            self._count("timeouts")
-            if self._on_timeout == "raise":
-                raise ReseedTimeoutError(
-                    f"no value for counter {key!r} within {budget:.3g}s", key=key
-                ) from None
-            self._count("fallback_reads")
-            return await self._load(key, loader, Deadline(loop.time() + budget))
-        if self._observer is not None:
-            role: MissRole = "loaded" if loaded and not joined else "waited"
-            self._observer.on_miss(role, loop.time() - started)
-        return value
+        return value, "loaded" if loaded and not joined else "waited"
 
     async def _rebuild(self, key: str, loader: Loader, deadline: Deadline) -> tuple[float, bool]:
         """The value, and whether this flight ran the loader to get it."""
@@ -335,7 +353,7 @@ class ReseedCoordinator:
             return present, False
         try:
             lease = await self._locks.try_acquire(
-                lease_name(key, generation), lambda: self._count("lease_extensions")
+                key, generation, lambda: self._count("lease_extensions")
             )
         except QuorumUnavailable:
             self._count("lock_degraded")
@@ -353,15 +371,18 @@ class ReseedCoordinator:
             return present, False
         value = await self._load(key, loader, deadline)
         outcome = await self._store.seed(key, value, token, self._ttl)
+        fields = {"key": key, "token": token, "outcome": outcome.result}
         if outcome.result == "won":
             self._count("seeds_won")
+            log.debug("counter seeded", extra=fields)
         elif outcome.result == "present":
             self._count("seeds_lost")
+            log.debug("counter already seeded", extra=fields)
         else:
             # A newer rebuild or a reset superseded us. Looping would livelock a key whose
             # loader is slower than the lease, so return our own fresh read instead.
             self._count("fenced_writes")
-            log.info("fenced write refused", extra={"key": key, "token": token})
+            log.info("fenced write refused", extra=fields)
         return (value if outcome.value is None else outcome.value), True
 
     async def _load(self, key: str, loader: Loader, deadline: Deadline) -> float:

@@ -18,7 +18,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import sys
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
@@ -33,20 +35,45 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from .keys import lease_name
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 
-class _DropMasterTracebacks(logging.Filter):
-    """pottery logs an ERROR with a traceback for every failed master call; one acquire
-    against a dead master would flood the logs. We log one warning per attempt instead."""
+class _MasterErrors(logging.Filter):
+    """pottery logs an ERROR with a traceback for every failed master call: with one dead
+    master, one per acquire. We drop those and say instead, at most once a minute, how many
+    master calls failed, since a minority of dead masters is otherwise invisible (acquires
+    still win) until the next failure takes the quorum."""
+
+    interval = 60.0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._dropped = 0
+        self._reported_at = -math.inf
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "caught" not in str(record.msg)
+        if "caught" not in str(record.msg):
+            return True
+        self._dropped += 1
+        now = time.monotonic()
+        if now - self._reported_at >= self.interval:
+            latest = record.args[-1] if isinstance(record.args, tuple) and record.args else "?"
+            log.warning(
+                "lock master calls failing: %d since the last report (latest: %s)",
+                self._dropped,
+                latest,
+                extra={"outcome": "master_error", "errors": self._dropped},
+            )
+            self._dropped, self._reported_at = 0, now
+        return False
 
 
-logging.getLogger("pottery").addFilter(_DropMasterTracebacks())
+master_errors = _MasterErrors()
+logging.getLogger("pottery").addFilter(master_errors)
 
 
 class QuorumUnavailable(Exception):
@@ -88,7 +115,10 @@ class Lease:
     dead or stalled holder is overtaken; on exit it is released, and a lease that already
     expired is not an error."""
 
-    def __init__(self, lock: AIORedlock, duration: float, on_extend: Callable[[], None]) -> None:
+    def __init__(
+        self, key: str, lock: AIORedlock, duration: float, on_extend: Callable[[], None]
+    ) -> None:
+        self._key = key
         self._lock = lock
         self._duration = duration
         self._on_extend = on_extend
@@ -114,7 +144,11 @@ class Lease:
             except TooManyExtensions:
                 return
             except (ExtendUnlockedLock, QuorumIsImpossible):
-                log.warning("lease %s lapsed; the fence will reject a late write", self._lock.key)
+                log.warning(
+                    "lease on %s lapsed while rebuilding; the fence will reject a late write",
+                    self._key,
+                    extra={"key": self._key, "outcome": "lease_lapsed"},
+                )
                 return
             self._on_extend()
 
@@ -131,13 +165,16 @@ class LeaseManager:
         self.duration = duration
         self.extensions = extensions
 
-    async def try_acquire(self, name: str, on_extend: Callable[[], None]) -> Lease | None:
-        """The lease on ``name``, or None if another holder has it.
+    async def try_acquire(
+        self, key: str, generation: int, on_extend: Callable[[], None]
+    ) -> Lease | None:
+        """The lease for rebuilding ``key`` in reset generation ``generation``, or None if
+        another holder has it.
 
         Raises :class:`QuorumUnavailable` when a majority of masters errored.
         """
         lock = AIORedlock(
-            key=name,
+            key=lease_name(key, generation),
             masters=self.masters,
             auto_release_time=self.duration,
             # No cap: the holder's work is bounded by its caller's deadline anyway.
@@ -152,10 +189,17 @@ class LeaseManager:
         except QuorumIsImpossible as exc:
             failed = len(list(exc.redis_errors))
             log.warning(
-                "lock quorum unavailable for %r: %d of %d masters failed",
-                name,
+                "lock quorum unavailable: %d of %d masters failed; rebuilding %s without a "
+                "lease (still fenced)",
                 failed,
                 len(self.masters),
+                key,
+                extra={
+                    "key": key,
+                    "outcome": "degraded",
+                    "failed_masters": failed,
+                    "masters": len(self.masters),
+                },
             )
-            raise QuorumUnavailable(name) from exc
-        return Lease(lock, self.duration, on_extend) if acquired else None
+            raise QuorumUnavailable(key) from exc
+        return Lease(key, lock, self.duration, on_extend) if acquired else None

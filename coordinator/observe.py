@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from typing import Literal, Protocol
 
-#: How a caller that missed got its value: its flight ran the loader ("loaded") or it
-#: waited for a rebuild elsewhere, in this process or another one ("waited").
-MissRole = Literal["loaded", "waited"]
+#: How a call that missed ended: its flight (or its timeout fallback) ran the loader
+#: ("loaded"), it waited for a rebuild elsewhere, in this process or another ("waited"), or
+#: it ended with an error ("failed").
+MissRole = Literal["loaded", "waited", "failed"]
 
 
 class Observer(Protocol):
@@ -22,4 +23,4 @@ class Observer(Protocol):
         """One loader call (the DB read) took ``seconds``, successful or not."""
 
     def on_miss(self, role: MissRole, seconds: float) -> None:
-        """A call that missed got its value (or error) after ``seconds``."""
+        """A call that missed got its value, or its error, after ``seconds``."""

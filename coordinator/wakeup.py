@@ -34,6 +34,7 @@ class SeedSignals:
         self._pubsub: PubSub | None = None
         self._reader: asyncio.Task[None] | None = None
         self._waiters: dict[bytes, set[asyncio.Event]] = {}
+        self._down = False
 
     @contextlib.asynccontextmanager
     async def watch(self, key: str) -> AsyncIterator[Sleep]:
@@ -81,8 +82,9 @@ class SeedSignals:
                 self._pubsub = self._client.pubsub(ignore_subscribe_messages=True)
             await self._pubsub.subscribe(channel)
         except RedisError as exc:
-            log.warning("seed notifications unavailable, backoff only: %s", exc)
+            self._failed(exc)
             return
+        self._restored()
         if self._reader is None or self._reader.done():
             self._reader = asyncio.get_running_loop().create_task(self._read(self._pubsub))
 
@@ -105,9 +107,27 @@ class SeedSignals:
             except RedisError as exc:
                 # redis-py reconnects and resubscribes on the next read; until then the
                 # losers fall back to their backoff.
-                log.warning("seed notification connection failed: %s", exc)
+                self._failed(exc)
                 await asyncio.sleep(0.1)
                 continue
+            self._restored()
             if message is not None and message.get("type") == "message":
                 for event in self._waiters.get(message["channel"], ()):
                     event.set()
+
+    def _failed(self, exc: RedisError) -> None:
+        # Once per outage: a retry every 0.1 s would otherwise log ten lines a second.
+        if self._down:
+            log.debug("seed notifications still down: %s", exc)
+            return
+        self._down = True
+        log.warning(
+            "seed notifications down, losers fall back to backoff: %s",
+            exc,
+            extra={"outcome": "pubsub_down"},
+        )
+
+    def _restored(self) -> None:
+        if self._down:
+            self._down = False
+            log.info("seed notifications restored", extra={"outcome": "pubsub_restored"})
