@@ -31,11 +31,10 @@ from dataclasses import replace
 from typing import Any, Literal, TypeVar
 
 from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from tenacity import AsyncRetrying, RetryError, retry_if_result
 from tenacity.wait import wait_random_exponential
 
+from .clients import redis_client
 from .deadline import Deadline, stop_before_deadline, wait_until
 from .errors import (
     ConfigurationError,
@@ -161,17 +160,9 @@ class ReseedCoordinator:
         lock_timeout: float = 0.3,
         **options: Any,
     ) -> ReseedCoordinator:
-        """Build the clients too (and close them in :meth:`aclose`).
-
-        The store client retries once, at once, so a pooled connection left stale by a
-        server restart does not fail a call; lock clients never retry (see ``lock``).
-        """
-        store = Redis.from_url(
-            url,
-            retry=Retry(NoBackoff(), 1),
-            socket_timeout=socket_timeout,
-            socket_connect_timeout=socket_timeout,
-        )
+        """Build the clients too (and close them in :meth:`aclose`). Neither the store
+        client nor the lock clients retry commands blindly (see ``store`` and ``lock``)."""
+        store = redis_client(url, timeout=socket_timeout)
         masters = [lock_client(u, timeout=lock_timeout) for u in lock_urls or []]
         coordinator = cls(store, lock_masters=masters or None, **options)
         coordinator._owned = [store, *masters]
@@ -181,6 +172,11 @@ class ReseedCoordinator:
     def store(self) -> Redis:
         """The counter store's client (for callers' own scripts on the same counters)."""
         return self._store.client
+
+    @property
+    def ttl(self) -> float | None:
+        """The counters' expiry in seconds (None: none), set by seeds, refreshed by adds."""
+        return self._ttl
 
     @property
     def stats(self) -> Stats:
@@ -357,15 +353,17 @@ class ReseedCoordinator:
             )
         except QuorumUnavailable:
             self._count("lock_degraded")
-            return await self._seed(key, loader, deadline)
+            return await self._seed(key, loader, deadline, generation)
         if lease is None:
             self._count("leases_lost")
             return None
         self._count("leases_won")
         async with lease:
-            return await self._seed(key, loader, deadline)
+            return await self._seed(key, loader, deadline, generation)
 
-    async def _seed(self, key: str, loader: Loader, deadline: Deadline) -> tuple[float, bool]:
+    async def _seed(
+        self, key: str, loader: Loader, deadline: Deadline, generation: int
+    ) -> tuple[float, bool] | None:
         token, present = await self._store.take_token(key)
         if present is not None:
             return present, False
@@ -379,10 +377,14 @@ class ReseedCoordinator:
             self._count("seeds_lost")
             log.debug("counter already seeded", extra=fields)
         else:
-            # A newer rebuild or a reset superseded us. Looping would livelock a key whose
-            # loader is slower than the lease, so return our own fresh read instead.
             self._count("fenced_writes")
             log.info("fenced write refused", extra=fields)
+            if outcome.generation != generation:
+                # A reset superseded us: what we read may predate it, and callers that
+                # arrived after the reset must not get it. Rebuild in the new generation.
+                return None
+            # A newer rebuild overtook our lease. Looping would livelock a key whose loader
+            # is slower than a (capped) lease, so return our own fresh read instead.
         return (value if outcome.value is None else outcome.value), True
 
     async def _load(self, key: str, loader: Loader, deadline: Deadline) -> float:

@@ -32,9 +32,8 @@ from pottery.exceptions import (
     TooManyExtensions,
 )
 from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
+from .clients import redis_client
 from .keys import lease_name
 
 log = logging.getLogger(__name__)
@@ -82,12 +81,7 @@ class QuorumUnavailable(Exception):
 
 def lock_client(url: str, *, timeout: float = 0.3) -> Redis:
     """A lock-master client that fails fast: no retries, short connect and read timeouts."""
-    return Redis.from_url(
-        url,
-        retry=Retry(NoBackoff(), 0),
-        socket_timeout=timeout,
-        socket_connect_timeout=timeout,
-    )
+    return redis_client(url, timeout=timeout)
 
 
 async def _finish(call: Awaitable[T], undo: Callable[[T], Awaitable[object]] | None = None) -> T:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 
 from .errors import CorruptCounterError, InvalidValueError, StoreError, WrongTypeError
@@ -38,6 +39,23 @@ end
 if fence_ttl > 0 then redis.call('PEXPIRE', fence, fence_ttl) end
 """
 
+#: Lua: ``is_counter(text)``, the grammar of :func:`coordinator.values.parse_stored` (a plain,
+#: finite decimal), for every script that must refuse a corrupt counter before writing.
+LUA_COUNTER_GRAMMAR = """
+local function plain(s)
+  for _, form in ipairs({'^[+-]?%d+%.?%d*', '^[+-]?%.%d+'}) do
+    local mantissa = s:match(form)
+    if mantissa then
+      local rest = s:sub(#mantissa + 1)
+      if rest == '' or rest:match('^[eE][+-]?%d+$') then return true end
+    end
+  end
+  return false
+end
+local function finite(x) return x == x and x ~= math.huge and x ~= -math.huge end
+local function is_counter(s) return plain(s) and finite(tonumber(s)) end
+"""
+
 # Miss path: the counter (if it appeared) and the generation that names the lease.
 _PROBE = _ENSURE_FENCE + """
 return {redis.call('GET', KEYS[1]), redis.call('HGET', fence, 'g')}
@@ -54,7 +72,9 @@ return {token, redis.call('GET', KEYS[1])}
 _SEED = """
 local current = redis.call('GET', KEYS[1])
 if current then return {'present', current} end
-if redis.call('HGET', KEYS[2], 't') ~= ARGV[2] then return {'fenced', false} end
+if redis.call('HGET', KEYS[2], 't') ~= ARGV[2] then
+  return {'fenced', false, redis.call('HGET', KEYS[2], 'g')}
+end
 local ttl = tonumber(ARGV[3])
 if ttl > 0 then
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ttl)
@@ -68,21 +88,10 @@ return {'won', ARGV[1]}
 # Increments never create a counter: a partial counter would win every later SET NX.
 # The current value must pass the grammar of values.parse_stored first: INCRBYFLOAT would
 # happily rewrite hex or an out-of-range exponent, turning a corrupt counter into a number.
-_INCREMENT = """
+_INCREMENT = LUA_COUNTER_GRAMMAR + """
 local current = redis.call('GET', KEYS[1])
 if not current then return false end
-local function plain(s)
-  for _, form in ipairs({'^[+-]?%d+%.?%d*', '^[+-]?%.%d+'}) do
-    local mantissa = s:match(form)
-    if mantissa then
-      local rest = s:sub(#mantissa + 1)
-      if rest == '' or rest:match('^[eE][+-]?%d+$') then return true end
-    end
-  end
-  return false
-end
-local number = tonumber(current)
-if not plain(current) or number ~= number or number == math.huge or number == -math.huge then
+if not is_counter(current) then
   return redis.error_reply('CORRUPT counter holds a non-numeric value')
 end
 local value = redis.call('INCRBYFLOAT', KEYS[1], ARGV[1])
@@ -104,10 +113,12 @@ return generation
 @dataclass(frozen=True)
 class SeedOutcome:
     """What the fenced seed did: ``won`` wrote ``value``; ``present`` found ``value``
-    already stored; ``fenced`` wrote nothing because a newer token exists (``value`` None)."""
+    already stored; ``fenced`` wrote nothing because a newer token exists (``value`` None,
+    ``generation`` the reset generation now current, to tell a reset from a newer rebuild)."""
 
     result: Literal["won", "present", "fenced"]
     value: float | None
+    generation: int | None = None
 
 
 def _text(raw: bytes | str) -> str:
@@ -132,19 +143,19 @@ class CounterStore:
 
     async def read(self, key: str) -> float | None:
         """The hot path: one GET."""
-        raw = await self._call(key, lambda: self.client.get(key))
+        raw = await self._call(key, lambda: self.client.get(key), idempotent=True)
         return None if raw is None else parse_stored(raw, key)
 
     async def read_many(self, keys: list[str]) -> list[float | None]:
         """Several counters in one MGET round trip (a wrong-type key reads as missing;
         the rebuild's GET then raises :class:`WrongTypeError` for it)."""
-        raws = await self._call(keys[0], lambda: self.client.mget(keys))
+        raws = await self._call(keys[0], lambda: self.client.mget(keys), idempotent=True)
         pairs = zip(keys, raws, strict=True)
         return [None if raw is None else parse_stored(raw, key) for key, raw in pairs]
 
     async def probe(self, key: str) -> tuple[float | None, int]:
         """The counter if present, and the current reset generation."""
-        raw, generation = await self._script(self._probe, key)
+        raw, generation = await self._script(self._probe, key, idempotent=True)
         value = None if raw is None else parse_stored(raw, key)
         return value, int(_text(generation))
 
@@ -155,16 +166,18 @@ class CounterStore:
 
     async def seed(self, key: str, value: float, token: int, ttl: float | None) -> SeedOutcome:
         """Fenced SET NX of ``value`` under ``token``."""
-        result, raw = await self._call(
+        result, raw, *rest = await self._call(
             key,
             lambda: self._seed(
                 keys=[key, fence_key(key)],
                 args=[format_value(value), str(token), _ms(ttl), seed_channel(key)],
             ),
+            idempotent=True,  # a replay finds its own write "present", or is fenced again
         )
         kind = _text(result)
         if kind == "fenced":
-            return SeedOutcome("fenced", None)
+            generation = rest[0] if rest else None
+            return SeedOutcome("fenced", None, None if generation is None else int(generation))
         stored = parse_stored(raw, key)
         return SeedOutcome("won" if kind == "won" else "present", stored)
 
@@ -179,14 +192,30 @@ class CounterStore:
         """Fence out every rebuild in flight and delete the counter; the new generation."""
         return int(await self._script(self._reset, key))
 
-    async def _script(self, script: Any, key: str) -> Any:
+    async def _script(self, script: Any, key: str, *, idempotent: bool = False) -> Any:
         return await self._call(
-            key, lambda: script(keys=[key, fence_key(key)], args=[self._fence_ttl])
+            key,
+            lambda: script(keys=[key, fence_key(key)], args=[self._fence_ttl]),
+            idempotent=idempotent,
         )
 
-    async def _call(self, key: str, op: Callable[[], Awaitable[T]]) -> T:
+    async def _call(
+        self, key: str, op: Callable[[], Awaitable[T]], *, idempotent: bool = False
+    ) -> T:
+        """Run ``op``, translating redis-py errors into the library's.
+
+        A pooled connection left stale by a server restart fails its next command. Reads
+        and idempotent scripts are sent once more on a fresh connection; increments, token
+        grants and resets never are: if the first reply was lost, they may have been applied
+        already (which is why clients should be built with redis-py's retries off).
+        """
         try:
-            return await op()
+            try:
+                return await op()
+            except RedisConnectionError:
+                if not idempotent:
+                    raise
+                return await op()
         except ResponseError as exc:
             raise _translate(exc, key) from exc
         except RedisError as exc:

@@ -309,14 +309,17 @@ async def test_reset_fences_out_the_rebuild_in_flight(
     await until(lambda: source.calls == 2, timeout=3.0)
 
     source.gates[0].set()
-    await doomed
-    assert coordinator.stats.fenced_writes == 1
-    assert await store.get(KEY) is None
+    await until(lambda: coordinator.stats.fenced_writes == 1)
+    assert await store.get(KEY) is None  # the doomed write was refused
 
     source.gates[1].set()
     assert await fresh == 40.0
+    # The doomed flight's caller asked before the reset, but a pre-reset read must not
+    # leak out after it: the flight rebuilds in the new generation and gets its value.
+    assert await doomed == 40.0
     assert await stored(store) == 40.0
     assert coordinator.stats.seeds_won == 1
+    assert source.calls == 2
 
 
 async def test_loader_slower_than_the_lease_does_not_livelock(
