@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import math
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from typing import Any, Literal, TypeVar
@@ -51,7 +50,7 @@ from .observe import MissRole, Observer
 from .singleflight import SingleFlight
 from .stats import Stats
 from .store import CounterStore
-from .values import check_amount, check_loaded
+from .values import check_amount, check_loaded, positive_seconds
 from .wakeup import SeedSignals
 
 log = logging.getLogger(__name__)
@@ -67,19 +66,6 @@ def _being_cancelled() -> bool:
     task = asyncio.current_task()
     cancelling = getattr(task, "cancelling", None)
     return bool(cancelling()) if cancelling is not None else False
-
-
-def _positive(name: str, value: float | None, *, optional: bool = False) -> None:
-    if value is None and optional:
-        return
-    if (
-        value is None
-        or isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or value <= 0
-    ):
-        raise ConfigurationError(f"{name} must be a positive number of seconds, got {value!r}")
 
 
 class ReseedCoordinator:
@@ -111,12 +97,13 @@ class ReseedCoordinator:
         observer: Observer | None = None,
         wake_on_seed: bool = True,
     ) -> None:
-        _positive("ttl", ttl, optional=True)
-        _positive("lease", lease)
-        _positive("wait", wait)
-        _positive("backoff_initial", backoff_initial)
-        _positive("backoff_max", backoff_max)
-        _positive("fence_ttl", fence_ttl, optional=True)
+        positive_seconds("lease", lease)
+        positive_seconds("wait", wait)
+        positive_seconds("backoff_initial", backoff_initial)
+        positive_seconds("backoff_max", backoff_max)
+        for name, maybe in {"ttl": ttl, "fence_ttl": fence_ttl}.items():
+            if maybe is not None:  # None: no expiry
+                positive_seconds(name, maybe)
         if lease_extensions is not None and (
             isinstance(lease_extensions, bool)
             or not isinstance(lease_extensions, int)
@@ -250,9 +237,7 @@ class ReseedCoordinator:
         key = validate_key(key)
         self._check_open()
         generation = await self._guard(self._store.reset(key))
-        log.debug(
-            "counter reset", extra={"key": key, "generation": generation, "outcome": "reset"}
-        )
+        log.debug("counter reset", extra={"key": key, "generation": generation, "outcome": "reset"})
         # A get after this returns must start a fresh rebuild, not join the doomed one.
         self._flights.forget(key)
 
@@ -421,8 +406,7 @@ class ReseedCoordinator:
     def _budget(self, wait: float | None) -> float:
         if wait is None:
             return self._wait
-        _positive("wait", wait)
-        return wait
+        return positive_seconds("wait", wait)
 
     def _count(self, name: str, amount: int = 1) -> None:
         if amount:

@@ -24,7 +24,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from .errors import CorruptCounterError, InvalidValueError, StoreError, WrongTypeError
 from .keys import fence_key, seed_channel
-from .values import format_value, parse_stored
+from .values import format_value, ms_text, parse_stored
 
 T = TypeVar("T")
 
@@ -125,16 +125,12 @@ def _text(raw: bytes | str) -> str:
     return raw.decode() if isinstance(raw, bytes) else raw
 
 
-def _ms(seconds: float | None) -> str:
-    return "0" if seconds is None else str(max(1, round(seconds * 1000)))
-
-
 class CounterStore:
     """Counter reads and atomic writes on one ``redis.asyncio.Redis`` client."""
 
     def __init__(self, client: Redis, *, fence_ttl: float | None = 86400.0) -> None:
         self.client = client
-        self._fence_ttl = _ms(fence_ttl)
+        self._fence_ttl = ms_text(fence_ttl)
         self._probe = client.register_script(_PROBE)
         self._token = client.register_script(_TOKEN)
         self._seed = client.register_script(_SEED)
@@ -170,7 +166,7 @@ class CounterStore:
             key,
             lambda: self._seed(
                 keys=[key, fence_key(key)],
-                args=[format_value(value), str(token), _ms(ttl), seed_channel(key)],
+                args=[format_value(value), str(token), ms_text(ttl), seed_channel(key)],
             ),
             idempotent=True,  # a replay finds its own write "present", or is fenced again
         )
@@ -184,7 +180,7 @@ class CounterStore:
     async def increment(self, key: str, amount: float, ttl: float | None) -> float | None:
         """INCRBYFLOAT if (and only if) the counter exists; its new value, else None."""
         raw = await self._call(
-            key, lambda: self._increment(keys=[key], args=[format_value(amount), _ms(ttl)])
+            key, lambda: self._increment(keys=[key], args=[format_value(amount), ms_text(ttl)])
         )
         return None if raw is None else parse_stored(raw, key)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import re
 
-from .errors import CorruptCounterError, InvalidValueError
+from .errors import ConfigurationError, CorruptCounterError, InvalidValueError
 
 # Beyond 2**53 a double cannot hold every integer; well below it, cents still add exactly
 # enough for spend. Larger values are refused rather than silently rounded.
@@ -62,3 +62,20 @@ def check_amount(amount: object, key: str) -> float:
 def format_value(value: float) -> str:
     """Shortest text that round-trips ``value`` exactly (what INCRBYFLOAT can parse)."""
     return repr(float(value))
+
+
+def positive_seconds(name: str, value: object) -> float:
+    """A setting that must be a positive, finite number of seconds."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ConfigurationError(f"{name} must be a positive number of seconds, got {value!r}")
+    return float(value)
+
+
+def ms_text(seconds: float | None) -> str:
+    """Seconds as whole milliseconds for a script argument ("0": no expiry)."""
+    return "0" if seconds is None else str(max(1, round(seconds * 1000)))

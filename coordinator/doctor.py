@@ -1,0 +1,593 @@
+"""``python -m coordinator doctor``: find the spend counters that lie, and rebuild them.
+
+The doctor walks the counters ``<namespace>:spend:<scope>:<id>`` of a live deployment with
+SCAN (batched, never KEYS), reads each batch in one pipelined round trip, looks the batch's
+ids up in PostgreSQL with one query per scope, and classifies every counter:
+
+==============  ================================================================  =======
+status          meaning                                                           --fix
+==============  ================================================================  =======
+``inflated``    an integer multiple (>= 2x) of a non-zero DB value: the signature  yes
+                of rebuilds that *added* the DB value (INCRBYFLOAT) instead of
+                setting it
+``low``         below the DB value: spend the counter lost (budgets bypassed)      yes
+``no_ttl``      right value but no expiry: it never gets rebuilt from the DB       yes
+``garbage``     not a number, or not a Redis string                                yes
+``missing_row`` no DB row for the id (or a NULL value)                             no
+``healthy``     none of the above (above the DB value, but not a multiple, is a
+                source that lags the counter, and healthy)
+==============  ================================================================  =======
+
+The checks run in the order garbage, missing_row, inflated, low, no_ttl; a counter gets the
+first that applies. ``--fix`` rebuilds a flagged counter the way a budget reset does: the
+fenced ``reset`` (which also fences out any rebuild in flight), then ``get`` with a loader
+that reads the DB *then*, never the value read during the scan (spend may have moved since).
+
+Keys are those of :mod:`coordinator.budget` (parsed by its ``parse_spend_key``: percent-encoded
+ids, a ``team_member`` id is ``<team>:<user>``); any other key under the prefix is skipped,
+and so are the coordinator's own keys (with ``\\x1f``).
+
+Queries: one per scope and batch. ``$1`` is a ``text[]`` of ids (``team_member``: ``$1`` the
+team ids, ``$2`` the user ids); the rows are the id column(s), then the value. The default
+queries read the shipped schema (``coordinator/sql/budget_schema.sql``) ``FOR SHARE``, as
+:mod:`coordinator.spend_source` does, so a rebuild waits for a spend write in progress. With
+``--query`` only the scopes given are checked; the counters of the others are skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import re
+import sys
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from decimal import Decimal
+from typing import Any, Literal, get_args
+
+import asyncpg
+from redis.asyncio import Redis
+from redis.exceptions import RedisError, ResponseError
+
+from .budget import SCOPES, EntityId, Scope, parse_spend_key
+from .cliargs import CommandError, non_negative, positive_int, print_json
+from .coordinator import Loader, ReseedCoordinator
+from .errors import (
+    ConfigurationError,
+    CorruptCounterError,
+    InvalidKeyError,
+    MissingRowError,
+    ReseedError,
+)
+from .values import parse_stored
+
+Status = Literal["inflated", "low", "no_ttl", "garbage", "missing_row", "healthy"]
+STATUSES: tuple[Status, ...] = get_args(Status)
+FIXABLE: frozenset[Status] = frozenset({"inflated", "low", "no_ttl", "garbage"})
+
+#: Relative slack of the comparisons: live traffic moves the DB and the counter a little
+#: apart between the scan's two reads.
+DEFAULT_TOLERANCE = 0.01
+# Float noise of many INCRBYFLOATs around a DB value of zero.
+_ABSOLUTE_SLACK = 1e-9
+DEFAULT_BATCH = 1000
+FIX_CONCURRENCY = 16
+_SEPARATOR = b"\x1f"
+
+
+_ENTITIES = (
+    "SELECT entity_id, spend FROM budget_entity "
+    "WHERE scope = '{scope}' AND entity_id = ANY($1::text[]) FOR SHARE"
+)
+
+#: The shipped schema's batch queries, one per scope.
+BATCH_QUERIES: Mapping[Scope, str] = {
+    **{scope: _ENTITIES.format(scope=scope) for scope in SCOPES if scope != "team_member"},
+    "team_member": (
+        "SELECT m.team_id, m.user_id, m.spend FROM team_member m "
+        "JOIN unnest($1::text[], $2::text[]) AS k(team_id, user_id) "
+        "ON m.team_id = k.team_id AND m.user_id = k.user_id FOR SHARE OF m"
+    ),
+}
+
+
+def parse_key(namespace: str, key: str) -> tuple[Scope, EntityId] | None:
+    """``(scope, id)`` of a spend counter key of ``namespace``; None if it is not one."""
+    try:
+        found, scope, ident = parse_spend_key(key)
+    except InvalidKeyError:
+        return None
+    return (scope, ident) if found == namespace else None
+
+
+def _id_parts(ident: EntityId) -> tuple[str, ...]:
+    return ident if isinstance(ident, tuple) else (ident,)
+
+
+def classify(
+    counter: float | None, db: float | None, ttl: float | None, tolerance: float
+) -> Status:
+    """The status of a counter (None: garbage) against its DB value (None: no row);
+    ``ttl`` is None when the counter never expires."""
+    if counter is None:
+        return "garbage"
+    if db is None:
+        return "missing_row"
+    slack = tolerance * abs(db) + _ABSOLUTE_SLACK
+    ratio = counter / db if db > 0 else 0.0
+    if math.isfinite(ratio) and round(ratio) >= 2 and abs(counter - round(ratio) * db) <= slack:
+        return "inflated"
+    if counter < db - slack:
+        return "low"
+    if ttl is None:
+        return "no_ttl"
+    return "healthy"
+
+
+@dataclass
+class Finding:
+    key: str
+    scope: Scope
+    id: EntityId
+    status: Status
+    counter: float | None  # None: garbage, see raw
+    raw: str | None  # what a garbage counter holds (or its Redis type)
+    db: float | None
+    ttl: float | None  # seconds left; None: no expiry
+    fixed: float | None = None  # the counter after --fix
+    fix_error: str | None = None
+
+    @property
+    def fixable(self) -> bool:
+        return self.status in FIXABLE and self.db is not None
+
+    @property
+    def ratio(self) -> float | None:
+        if self.counter is None or not self.db:
+            return None
+        ratio = self.counter / self.db
+        return round(ratio, 6) if math.isfinite(ratio) else None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "ratio": self.ratio}
+
+
+@dataclass
+class Report:
+    namespace: str
+    findings: list[Finding] = field(default_factory=list)  # healthy ones only if asked
+    counts: Counter[str] = field(default_factory=Counter)  # by status, and "skipped"
+
+    @property
+    def scanned(self) -> int:
+        return sum(self.counts[status] for status in STATUSES)
+
+    @property
+    def flagged(self) -> list[Finding]:
+        return [finding for finding in self.findings if finding.status != "healthy"]
+
+    def summary(self) -> dict[str, int]:
+        attempted = [finding for finding in self.findings if finding.fixable]
+        fixed = sum(finding.fixed is not None for finding in attempted)
+        return {
+            "scanned": self.scanned,
+            **{status: self.counts[status] for status in STATUSES},
+            "skipped": self.counts["skipped"],
+            "fixed": fixed,
+            "fix_failed": sum(finding.fix_error is not None for finding in attempted),
+        }
+
+    def summary_line(self) -> str:
+        counts = self.summary()
+        parts = ", ".join(f"{counts[status]} {status}" for status in STATUSES)
+        line = f"{counts['scanned']} counters under {self.namespace}:spend: {parts}"
+        if counts["skipped"]:
+            line += (
+                f" ({counts['skipped']} skipped: not <scope>:<id>, no query for the scope, "
+                "or expired during the scan)"
+            )
+        if counts["fixed"] or counts["fix_failed"]:
+            line += f"; fixed {counts['fixed']}, {counts['fix_failed']} failed"
+        return line
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "namespace": self.namespace,
+            "summary": self.summary(),
+            "counters": [finding.as_dict() for finding in self.findings],
+        }
+
+
+Progress = Callable[[int, int], None]  # (counters scanned, flagged so far)
+
+
+class Doctor:
+    """Scans the counters of ``namespace`` on ``store`` against ``db`` (an asyncpg
+    connection or pool; the doctor issues one query at a time)."""
+
+    def __init__(
+        self,
+        store: Redis,
+        db: Any,
+        *,
+        namespace: str = "litellm",
+        queries: Mapping[str, str] | None = None,
+        tolerance: float = DEFAULT_TOLERANCE,
+        batch: int = DEFAULT_BATCH,
+    ) -> None:
+        unknown = sorted(set(queries or ()) - set(SCOPES))
+        if unknown:
+            raise ConfigurationError(f"queries for unknown scopes {unknown}; scopes are {SCOPES}")
+        self.store = store
+        self.db = db
+        self.namespace = namespace
+        self.queries = dict(BATCH_QUERIES if queries is None else queries)
+        self.tolerance = tolerance
+        self.batch = batch
+        self._db_lock = asyncio.Lock()
+
+    async def scan(
+        self, *, include_healthy: bool = False, progress: Progress | None = None
+    ) -> Report:
+        report = Report(self.namespace)
+        seen: set[bytes] = set()
+        async for keys in self._batches():
+            # SCAN may return a key twice (the table can be rehashed during the scan).
+            fresh = [key for key in dict.fromkeys(keys) if key not in seen]
+            seen.update(fresh)
+            for finding in await self._examine(fresh, report.counts):
+                report.counts[finding.status] += 1
+                if include_healthy or finding.status != "healthy":
+                    report.findings.append(finding)
+            if progress is not None:
+                progress(report.scanned, report.scanned - report.counts["healthy"])
+        report.findings.sort(key=lambda f: (STATUSES.index(f.status), f.key))
+        return report
+
+    async def fix(
+        self,
+        findings: Iterable[Finding],
+        coordinator: ReseedCoordinator,
+        *,
+        concurrency: int = FIX_CONCURRENCY,
+    ) -> None:
+        """Rebuild every fixable finding (fenced reset, then get from the DB); each one
+        gets ``fixed`` (the stored value) or ``fix_error``."""
+        slots = asyncio.Semaphore(concurrency)
+
+        async def rebuild(finding: Finding) -> None:
+            async with slots:
+                try:
+                    await coordinator.reset(finding.key)
+                    finding.fixed = await coordinator.get(
+                        finding.key, self._loader(finding.scope, finding.id)
+                    )
+                except ReseedError as exc:
+                    finding.fix_error = str(exc)
+
+        await asyncio.gather(*(rebuild(f) for f in findings if f.fixable))
+
+    async def lookup(self, scope: Scope, ids: Sequence[EntityId]) -> dict[EntityId, float]:
+        """The DB values of ``ids`` in ``scope`` (ids without a row, or NULL, are absent).
+
+        A failed query raises :class:`~coordinator.cliargs.CommandError` naming the scope."""
+        sql = self.queries.get(scope)
+        if sql is None or not ids:
+            return {}
+        columns = [list(column) for column in zip(*map(_id_parts, ids), strict=True)]
+        width = len(columns)
+        try:
+            async with self._db_lock:
+                rows = await self.db.fetch(sql, *columns)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise CommandError(
+                f"the query for scope {scope!r} failed: {type(exc).__name__}: {exc}\n"
+                f"  query: {sql}\n  give the right one with --query '{scope}=SELECT id, "
+                "value FROM ... WHERE id = ANY($1)'"
+            ) from exc
+        values: dict[EntityId, float] = {}
+        for row in rows:
+            parts = [str(part) for part in row[:width]]
+            ident: EntityId = (parts[0], parts[1]) if width == 2 else parts[0]
+            value = row[width]
+            if isinstance(value, (int, float, Decimal)) and not isinstance(value, bool):
+                values[ident] = float(value)
+        return values
+
+    def _loader(self, scope: Scope, ident: EntityId) -> Loader:
+        async def load() -> float:
+            values = await self.lookup(scope, [ident])
+            if ident not in values:
+                raise MissingRowError(f"no {scope} row for {ident!r} any more")
+            return values[ident]
+
+        return load
+
+    async def _batches(self) -> AsyncIterator[list[bytes]]:
+        pattern = _glob_escape(f"{self.namespace}:spend:") + "*"
+        pending: list[bytes] = []
+        cursor = 0
+        while True:
+            cursor, keys = await self.store.scan(cursor, match=pattern, count=self.batch)
+            for key in keys:
+                raw = key if isinstance(key, bytes) else key.encode()
+                if _SEPARATOR not in raw:
+                    pending.append(raw)
+            while len(pending) >= self.batch:
+                yield pending[: self.batch]
+                pending = pending[self.batch :]
+            if cursor == 0:
+                break
+        if pending:
+            yield pending
+
+    async def _examine(self, keys: list[bytes], counts: Counter[str]) -> list[Finding]:
+        """Classify one batch: one pipelined round trip, then one DB query per scope."""
+        pipe = self.store.pipeline(transaction=False)
+        for key in keys:
+            pipe.get(key)
+            pipe.pttl(key)
+        replies = await pipe.execute(raise_on_error=False)
+        found: list[Finding] = []
+        for index, key in enumerate(keys):
+            raw, pttl = replies[2 * index], replies[2 * index + 1]
+            try:
+                text = key.decode()
+            except UnicodeDecodeError:
+                text = ""  # not a key the coordinator could have written
+            parsed = parse_key(self.namespace, text)
+            if parsed is None or parsed[0] not in self.queries or raw is None or pttl == -2:
+                counts["skipped"] += 1  # not ours to check, or it expired since the SCAN
+                continue
+            value, shown = await self._value(key, text, raw)
+            ttl = None if pttl == -1 else pttl / 1000
+            # Classified below, once the batch's DB values are in.
+            found.append(Finding(text, *parsed, "healthy", value, shown, None, ttl))
+        by_scope: dict[Scope, list[EntityId]] = {}
+        for finding in found:
+            by_scope.setdefault(finding.scope, []).append(finding.id)
+        db = {scope: await self.lookup(scope, ids) for scope, ids in by_scope.items()}
+        for finding in found:
+            finding.db = db[finding.scope].get(finding.id)
+            finding.status = classify(finding.counter, finding.db, finding.ttl, self.tolerance)
+        return found
+
+    async def _value(self, key: bytes, text: str, raw: Any) -> tuple[float | None, str | None]:
+        """The counter's number, or None and what it holds instead."""
+        if isinstance(raw, ResponseError):
+            if "WRONGTYPE" not in str(raw):
+                raise raw
+            kind = await self.store.type(key)
+            return None, f"<{kind.decode() if isinstance(kind, bytes) else kind}>"
+        try:
+            return parse_stored(raw, text), None
+        except CorruptCounterError:
+            held = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+            return None, held[:60]
+
+
+def _glob_escape(text: str) -> str:
+    return re.sub(r"([*?\[\]\\])", r"\\\1", text)
+
+
+# -- command line ------------------------------------------------------------------
+
+
+def _scope_query(text: str) -> tuple[str, str]:
+    scope, equals, sql = text.partition("=")
+    if not (scope and equals and sql.strip()):
+        raise argparse.ArgumentTypeError(f"expected SCOPE=SQL, got {text!r}")
+    if scope not in SCOPES:
+        raise argparse.ArgumentTypeError(f"unknown scope {scope!r}; scopes are {SCOPES}")
+    return scope, sql
+
+
+def _fraction(text: str) -> float:
+    value = non_negative(text)
+    if value >= 0.5:
+        raise argparse.ArgumentTypeError(f"expected a tolerance below 0.5, got {text}")
+    return value
+
+
+def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = commands.add_parser(
+        "doctor",
+        help="find spend counters that disagree with the database (and --fix them)",
+        description=(
+            "Scan the counters <namespace>:spend:<scope>:<id> (SCAN, batched), compare each "
+            "with its database value and report the inflated (an integer multiple >= 2x), "
+            "low, TTL-less, non-numeric ones, and those without a row. Exit status: 0 "
+            "nothing flagged (or everything fixed), 1 counters flagged, 2 setup error."
+        ),
+    )
+    parser.add_argument("--redis-url", required=True, help="the counter store")
+    parser.add_argument("--pg-dsn", required=True, help="PostgreSQL DSN of the spend tables")
+    parser.add_argument(
+        "--namespace", default="litellm", help="counter key prefix (default litellm)"
+    )
+    parser.add_argument(
+        "--query",
+        type=_scope_query,
+        action="append",
+        default=[],
+        metavar="SCOPE=SQL",
+        help=(
+            "the batch query of one scope: $1 is a text[] of ids (team_member: $1 teams, $2 "
+            "users), rows are the id column(s) then the value. Repeat for each scope; only "
+            "the scopes given are checked. Default: the shipped schema (budget_entity, "
+            "team_member), every scope."
+        ),
+    )
+    parser.add_argument(
+        "--tolerance",
+        type=_fraction,
+        default=DEFAULT_TOLERANCE,
+        help=f"relative slack of every comparison (default {DEFAULT_TOLERANCE})",
+    )
+    parser.add_argument(
+        "--batch",
+        type=positive_int,
+        default=DEFAULT_BATCH,
+        help=f"counters per round trip and per DB query (default {DEFAULT_BATCH})",
+    )
+    parser.add_argument("--all", action="store_true", help="list healthy counters too")
+    parser.add_argument("--json", action="store_true", help="print one JSON document")
+    parser.add_argument(
+        "--fix",
+        action="store_true",
+        help="rebuild inflated, low, TTL-less and garbage counters that have a row "
+        "(fenced reset, then one DB read each)",
+    )
+    parser.add_argument("--yes", action="store_true", help="fix without asking")
+    parser.add_argument(
+        "--lock-url",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="a Redlock master of the deployment, for --fix; repeat for each (default: the "
+        "counter store alone)",
+    )
+    parser.add_argument(
+        "--ttl",
+        type=positive_int,
+        default=60,
+        help="expiry of the rebuilt counters, seconds (default 60, LiteLLM's)",
+    )
+    parser.set_defaults(run=_doctor)
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    if args.fix and not args.yes and not sys.stdin.isatty():
+        raise CommandError("--fix needs --yes when stdin is not a terminal (no one to ask)")
+    return asyncio.run(_run(args))
+
+
+async def _run(args: argparse.Namespace) -> int:
+    store = Redis.from_url(args.redis_url, socket_timeout=10.0, socket_connect_timeout=5.0)
+    try:
+        try:
+            await store.ping()
+        except RedisError as exc:
+            raise CommandError(
+                f"cannot reach the counter store at {args.redis_url}: {exc}"
+            ) from exc
+        try:
+            db = await asyncpg.connect(args.pg_dsn, timeout=10.0)
+        except Exception as exc:
+            raise CommandError(f"cannot connect to PostgreSQL at {args.pg_dsn}: {exc}") from exc
+        try:
+            return await _examine_and_fix(args, store, db)
+        finally:
+            await db.close()
+    finally:
+        await store.aclose()
+
+
+async def _examine_and_fix(args: argparse.Namespace, store: Redis, db: Any) -> int:
+    doctor = Doctor(
+        store,
+        db,
+        namespace=args.namespace,
+        queries=dict(args.query) if args.query else None,
+        tolerance=args.tolerance,
+        batch=args.batch,
+    )
+    meter = _ProgressLine() if sys.stderr.isatty() else None
+    try:
+        report = await doctor.scan(include_healthy=args.all, progress=meter)
+    finally:
+        if meter is not None:
+            meter.finish()
+    fixable = [finding for finding in report.findings if finding.fixable]
+    if not args.json:
+        print(format_report(report))
+    if args.fix and fixable and (args.yes or _confirm(len(fixable))):
+        async with ReseedCoordinator.from_urls(
+            args.redis_url, lock_urls=args.lock_url, ttl=float(args.ttl)
+        ) as coordinator:
+            await doctor.fix(fixable, coordinator)
+        if not args.json:
+            print(format_fixes(fixable))
+            print(report.summary_line())
+    if args.json:
+        print_json(report.as_dict())
+    unresolved = [f for f in report.flagged if f.fixed is None]
+    return 1 if unresolved else 0
+
+
+def _confirm(count: int) -> bool:
+    sys.stderr.write(
+        f"Rebuild {count} counter{'s' if count != 1 else ''} from the database "
+        "(fenced reset, then one DB read each)? [y/N] "
+    )
+    sys.stderr.flush()
+    return sys.stdin.readline().strip().lower() in ("y", "yes")
+
+
+class _ProgressLine:
+    """One self-overwriting line on a terminal's stderr."""
+
+    def __init__(self) -> None:
+        self._shown = False
+
+    def __call__(self, scanned: int, flagged: int) -> None:
+        sys.stderr.write(f"\rdoctor: scanned {scanned:,} counters, {flagged:,} flagged")
+        sys.stderr.flush()
+        self._shown = True
+
+    def finish(self) -> None:
+        if self._shown:
+            sys.stderr.write("\n")
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.15g}"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    widths = [max(len(row[column]) for row in (header, *rows)) for column in range(len(header))]
+    return [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in (header, *rows)
+    ]
+
+
+def _note(finding: Finding) -> str:
+    if finding.status == "inflated" and finding.ratio is not None:
+        return f"{finding.ratio:g}x the DB value"
+    if finding.status == "low" and finding.db is not None and finding.counter is not None:
+        return f"{_number(finding.db - finding.counter)} of spend missing"
+    if not finding.fixable and finding.status != "healthy":
+        return "no DB row: not fixable"
+    return ""
+
+
+def format_report(report: Report) -> str:
+    """The findings as a table, then the summary line."""
+    rows = [
+        (
+            finding.status,
+            finding.key,
+            _number(finding.counter) if finding.raw is None else repr(finding.raw),
+            _number(finding.db),
+            "none" if finding.ttl is None else f"{finding.ttl:.0f}s",
+            _note(finding),
+        )
+        for finding in report.findings
+    ]
+    lines = _table(("status", "key", "counter", "db", "ttl", "note"), rows) if rows else []
+    return "\n".join([*lines, report.summary_line()])
+
+
+def format_fixes(findings: Sequence[Finding]) -> str:
+    rows = [
+        (
+            finding.key,
+            _number(finding.fixed) if finding.fix_error is None else f"failed: {finding.fix_error}",
+        )
+        for finding in findings
+    ]
+    return "\n".join(_table(("fixed key", "counter now"), rows))
+

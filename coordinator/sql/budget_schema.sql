@@ -1,0 +1,45 @@
+-- Spend and budgets for coordinator.budget.BudgetGuard and the example proxy pod
+-- (examples/proxy_pod). Installed by PostgresSpendSource.install_schema(); idempotent.
+--
+-- Money is double precision, as the counters are (Redis INCRBYFLOAT): a counter rebuilt
+-- from a row then equals the row exactly, whatever the order of additions.
+
+-- Every scope but team_member: API keys (by token hash), teams, users, orgs, end users
+-- (the OpenAI "user" field), tags. max_budget NULL means no budget.
+CREATE TABLE IF NOT EXISTS budget_entity (
+    scope      text NOT NULL
+               CHECK (scope IN ('key', 'team', 'user', 'org', 'end_user', 'tag')),
+    entity_id  text NOT NULL CHECK (entity_id <> ''),
+    spend      double precision NOT NULL DEFAULT 0,
+    max_budget double precision CHECK (max_budget >= 0),
+    PRIMARY KEY (scope, entity_id)
+);
+
+-- A user's spend and budget within one team (scope team_member).
+CREATE TABLE IF NOT EXISTS team_member (
+    team_id    text NOT NULL CHECK (team_id <> ''),
+    user_id    text NOT NULL CHECK (user_id <> ''),
+    spend      double precision NOT NULL DEFAULT 0,
+    max_budget double precision CHECK (max_budget >= 0),
+    PRIMARY KEY (team_id, user_id)
+);
+
+-- API keys of the example proxy: the bearer key's SHA-256 (hex) and who it belongs to.
+-- The key's own spend and budget are the budget_entity row ('key', token_hash).
+CREATE TABLE IF NOT EXISTS api_key (
+    token_hash text PRIMARY KEY,
+    key_alias  text,
+    team_id    text,
+    user_id    text,
+    org_id     text,
+    blocked    boolean NOT NULL DEFAULT false
+);
+
+-- One row per recorded request: makes PostgresSpendSource.record idempotent per request id.
+-- entities holds "<scope>:<encoded id>" as in the counter keys.
+CREATE TABLE IF NOT EXISTS spend_ledger (
+    request_id text PRIMARY KEY,
+    cost       double precision NOT NULL,
+    entities   text[] NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now()
+);

@@ -1,0 +1,1 @@
+"""An LLM proxy pod enforcing budgets with BudgetGuard (see ``app.py``)."""
