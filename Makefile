@@ -25,3 +25,8 @@ test: lint
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .hypothesis
+
+.PHONY: bench
+bench: venv
+	$(PY) -m pip install -q -e '.[dev,bench]'
+	$(PY) -m coordinator bench --out docs/bench

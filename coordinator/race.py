@@ -31,7 +31,7 @@ import threading
 import time
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import asdict, dataclass, field
 from multiprocessing.context import BaseContext
@@ -47,7 +47,7 @@ from redis.exceptions import RedisError
 
 from .cliargs import CommandError, add_server_flags, non_negative, positive_int, print_json
 from .coordinator import Loader, ReseedCoordinator
-from .embedded import EmbeddedServerError, EmbeddedServers
+from .embedded import EmbeddedServerError, EmbeddedServers, RedisServer
 from .keys import fence_key
 from .sources import PostgresSource
 from .values import parse_stored
@@ -84,8 +84,8 @@ class Servers:
 
 
 @dataclass(frozen=True)
-class _Spec:
-    """Everything a pod needs; pickled to each spawned interpreter."""
+class PodSpec:
+    """Everything a pod needs for one race; pickled to each spawned interpreter."""
 
     strategy: Strategy
     callers: int
@@ -93,6 +93,7 @@ class _Spec:
     servers: Servers
     key: str
     row_id: str
+    wake_on_seed: bool = True  # coordinated: losers wake on the seed's pub/sub message
 
 
 @dataclass
@@ -106,6 +107,12 @@ class PodReport:
     failure: str | None = None  # the pod itself failed: the race is void
     collateral: bool = False  # it failed only because another pod did
     start_lag_ms: float = 0.0  # how late this pod woke for the common start
+    cpu_ms: float = 0.0  # CPU time this pod spent from the start to its last caller's value
+
+    @property
+    def loaded(self) -> bool:
+        """Whether this pod read the DB (for coordinated: the fleet's one winner)."""
+        return self.db_reads > 0
 
 
 @dataclass
@@ -152,13 +159,14 @@ class Contender(Protocol):
 class Coordinated:
     """Ours: one DB read per cold miss, fleet-wide."""
 
-    def __init__(self, servers: Servers) -> None:
+    def __init__(self, spec: PodSpec) -> None:
         self.coordinator = ReseedCoordinator.from_urls(
-            servers.redis_url,
-            lock_urls=list(servers.lock_urls),
+            spec.servers.redis_url,
+            lock_urls=list(spec.servers.lock_urls),
             socket_timeout=SOCKET_TIMEOUT,
             ttl=COUNTER_TTL,
             wait=WAIT,
+            wake_on_seed=spec.wake_on_seed,
         )
 
     async def get(self, key: str, loader: Loader) -> float:
@@ -176,9 +184,9 @@ class PerProcess:
     pod; the rebuild writes with SET NX and a loser reads the winner's value. Nothing spans
     pods, so every pod that misses reads the DB."""
 
-    def __init__(self, servers: Servers) -> None:
+    def __init__(self, spec: PodSpec) -> None:
         self.client = Redis.from_url(
-            servers.redis_url,
+            spec.servers.redis_url,
             retry=Retry(NoBackoff(), 1),
             socket_timeout=SOCKET_TIMEOUT,
             socket_connect_timeout=SOCKET_TIMEOUT,
@@ -221,7 +229,7 @@ class Naive(PerProcess):
         return float(await self.client.incrbyfloat(key, loaded))
 
 
-CONTENDERS: dict[Strategy, type[Coordinated] | type[PerProcess]] = {
+CONTENDERS: dict[Strategy, Callable[[PodSpec], Contender]] = {
     "coordinated": Coordinated,
     "per-process": PerProcess,
     "naive": Naive,
@@ -258,9 +266,7 @@ class StartLine:
                 "the start barrier broke: another pod failed, "
                 f"or setup took longer than {SETUP_TIMEOUT:g}s"
             ) from None
-        start = time.perf_counter() + (self.at.value - time.time())
-        await asyncio.sleep(start - time.perf_counter())
-        return start
+        return await sleep_until(self.at.value)
 
     def abort(self) -> None:
         """Release every waiting pod with an error: one of them will never arrive."""
@@ -271,7 +277,15 @@ def _schedule(at: Synchronized[float], lead: float) -> None:
     at.value = time.time() + lead
 
 
-def _pod_main(spec: _Spec, index: int, start: StartLine, reports: Any) -> None:
+async def sleep_until(at: float) -> float:
+    """Sleep until the wall-clock instant ``at`` (the clock every pod shares); that instant
+    as ``perf_counter`` time, which latencies are measured from."""
+    start = time.perf_counter() + (at - time.time())
+    await asyncio.sleep(start - time.perf_counter())
+    return start
+
+
+def _pod_main(spec: PodSpec, index: int, start: StartLine, reports: Any) -> None:
     """Entry point of a spawned pod; always reports, and never leaves the others waiting."""
     # A terminal's Ctrl-C reaches the whole process group: the parent handles it and
     # terminates the pods, so they should not die mid-report with a traceback each.
@@ -286,61 +300,86 @@ def _pod_main(spec: _Spec, index: int, start: StartLine, reports: Any) -> None:
     reports.put(report)
 
 
-async def _pod(spec: _Spec, index: int, start_line: StartLine) -> PodReport:
+async def _pod(spec: PodSpec, index: int, start_line: StartLine) -> PodReport:
+    async with AsyncExitStack() as stack:
+        source = await open_source(spec.servers, stack)
+        contender = await open_contender(spec, source, f"{spec.key}:warm:{index}", stack)
+        return await run_round(spec, index, contender, source, start_line.wait)
+
+
+async def open_source(servers: Servers, stack: AsyncExitStack) -> PostgresSource:
+    """The pod's PostgreSQL pool, closed with ``stack``."""
+    source = await PostgresSource.connect(servers.pg_dsn, QUERY, max_size=2)
+    stack.push_async_callback(source.aclose)
+    return source
+
+
+async def open_contender(
+    spec: PodSpec, source: PostgresSource, warm_key: str, stack: AsyncExitStack
+) -> Contender:
+    """The spec's contender, closed with ``stack``, its connections opened on ``warm_key``."""
+    contender = CONTENDERS[spec.strategy](spec)
+    stack.push_async_callback(contender.aclose)
+    # Opens `callers` store connections, loads the scripts, touches every lock master and
+    # prepares the query, so that the race measures the protocol, not connection setup.
+    warmed = await asyncio.gather(
+        *(contender.get(warm_key, source.loader(spec.row_id, 0.0)) for _ in range(spec.callers)),
+        return_exceptions=True,  # let every call end before the clients close
+    )
+    failed = next((out for out in warmed if isinstance(out, BaseException)), None)
+    if failed is not None:
+        raise failed
+    return contender
+
+
+async def run_round(
+    spec: PodSpec,
+    index: int,
+    contender: Contender,
+    source: PostgresSource,
+    start_line: Callable[[], Awaitable[float]],
+) -> PodReport:
+    """This pod's callers race on ``spec.key`` from the instant ``start_line`` returns
+    (as ``perf_counter`` time)."""
     report = PodReport(pod=index)
     delay = spec.db_delay_ms / 1000
 
-    async with AsyncExitStack() as stack:
-        source = await PostgresSource.connect(spec.servers.pg_dsn, QUERY, max_size=2)
-        stack.push_async_callback(source.aclose)
-        contender: Contender = CONTENDERS[spec.strategy](spec.servers)
-        stack.push_async_callback(contender.aclose)
+    async def load() -> float:
+        report.db_reads += 1
+        return await source.fetch(spec.row_id, delay)
 
-        # Opens `callers` store connections, loads the scripts, touches every lock master and
-        # prepares the query, so that the race measures the protocol, not connection setup.
-        warm = f"{spec.key}:warm:{index}"
-        warmed = await asyncio.gather(
-            *(contender.get(warm, source.loader(spec.row_id, 0.0)) for _ in range(spec.callers)),
-            return_exceptions=True,  # let every call end before the clients close
-        )
-        failed = next((out for out in warmed if isinstance(out, BaseException)), None)
-        if failed is not None:
-            raise failed
+    before = contender.stats()
+    go = asyncio.Event()
+    start = 0.0
 
-        async def load() -> float:
-            report.db_reads += 1
-            return await source.fetch(spec.row_id, delay)
-
-        before = contender.stats()
-        go = asyncio.Event()
-        start = 0.0
-
-        async def call() -> None:
-            await go.wait()
-            try:
-                value = await contender.get(spec.key, load)
-            except Exception as exc:
-                report.errors.append(type(exc).__name__)
-                return
-            report.latencies_ms.append((time.perf_counter() - start) * 1000)
-            report.values.append(value)
-
-        # Created ahead so that at the start a pod only sends its GETs: on a small machine,
-        # every ms a woken pod spends delays the pods still waiting for a core.
-        calls = [asyncio.create_task(call()) for _ in range(spec.callers)]
+    async def call() -> None:
+        await go.wait()
         try:
-            start = await start_line.wait()
-            report.start_lag_ms = (time.perf_counter() - start) * 1000
-            go.set()
-            _, late = await asyncio.wait(calls, timeout=CALL_TIMEOUT)
-            report.errors += [TimeoutError.__name__] * len(late)
-        finally:
-            for task in calls:
-                task.cancel()
-            await asyncio.gather(*calls, return_exceptions=True)
-        after = contender.stats()
-        if before is not None and after is not None:
-            report.stats = {name: after[name] - before[name] for name in after}
+            value = await contender.get(spec.key, load)
+        except Exception as exc:
+            report.errors.append(type(exc).__name__)
+            return
+        report.latencies_ms.append((time.perf_counter() - start) * 1000)
+        report.values.append(value)
+
+    # Created ahead so that at the start a pod only sends its GETs: on a small machine,
+    # every ms a woken pod spends delays the pods still waiting for a core.
+    calls = [asyncio.create_task(call()) for _ in range(spec.callers)]
+    try:
+        start = await start_line()
+        report.start_lag_ms = (time.perf_counter() - start) * 1000
+        cpu = time.process_time()
+        go.set()
+        _, late = await asyncio.wait(calls, timeout=CALL_TIMEOUT)
+        report.cpu_ms = (time.process_time() - cpu) * 1000
+        report.errors += [TimeoutError.__name__] * len(late)
+    finally:
+        for task in calls:
+            task.cancel()
+        await asyncio.gather(*calls, return_exceptions=True)
+    after = contender.stats()
+    if before is not None and after is not None:
+        report.stats = {name: after[name] - before[name] for name in after}
     return report
 
 
@@ -351,7 +390,7 @@ def _store_client(url: str) -> Redis:
     return Redis.from_url(url, socket_timeout=5.0, socket_connect_timeout=5.0)
 
 
-async def _prepare(servers: Servers, row_id: str, db_value: float) -> None:
+async def prepare_race(servers: Servers, row_id: str, db_value: float) -> None:
     """The row the pods read, and a check that every server answers (a clear setup error)."""
     try:
         conn = await asyncpg.connect(servers.pg_dsn, timeout=10.0)
@@ -395,12 +434,16 @@ async def _finish(servers: Servers, key: str, pods: int, row_id: str) -> float |
         await client.delete(*counters, *map(fence_key, counters))
     finally:
         await client.aclose()
+    await remove_row(servers, row_id)
+    return None if raw is None else parse_stored(raw, key)
+
+
+async def remove_row(servers: Servers, row_id: str) -> None:
     conn = await asyncpg.connect(servers.pg_dsn, timeout=10.0)
     try:
         await conn.execute(f"DELETE FROM {TABLE} WHERE id = $1", row_id)
     finally:
         await conn.close()
-    return None if raw is None else parse_stored(raw, key)
 
 
 def _collect(
@@ -434,7 +477,7 @@ def _collect(
     return collected
 
 
-def _stop(processes: Sequence[BaseProcess], grace: float) -> None:
+def stop_pods(processes: Sequence[BaseProcess], grace: float) -> None:
     for process in processes:
         process.join(timeout=grace)
     for process in processes:
@@ -446,7 +489,7 @@ def _stop(processes: Sequence[BaseProcess], grace: float) -> None:
             process.join()
 
 
-def _run_pods(spec: _Spec, pods: int) -> list[PodReport]:
+def _run_pods(spec: PodSpec, pods: int) -> list[PodReport]:
     context = multiprocessing.get_context("spawn")
     start = StartLine(context, pods)
     reports = context.Queue()
@@ -467,12 +510,12 @@ def _run_pods(spec: _Spec, pods: int) -> list[PodReport]:
         grace = 5.0
     finally:
         start.abort()
-        _stop([process for process in processes if process.pid is not None], grace)
+        stop_pods([process for process in processes if process.pid is not None], grace)
         reports.close()
     return [collected[index] for index in range(pods)]
 
 
-def _percentile(ordered: Sequence[float], q: float) -> float | None:
+def percentile(ordered: Sequence[float], q: float) -> float | None:
     """Nearest-rank percentile of an ascending sequence."""
     if not ordered:
         return None
@@ -480,7 +523,7 @@ def _percentile(ordered: Sequence[float], q: float) -> float | None:
 
 
 def _aggregate(
-    spec: _Spec, pods: int, db_value: float, reports: Sequence[PodReport], final: float | None
+    spec: PodSpec, pods: int, db_value: float, reports: Sequence[PodReport], final: float | None
 ) -> RaceResult:
     latencies = sorted(ms for report in reports for ms in report.latencies_ms)
     values = [value for report in reports for value in report.values]
@@ -501,8 +544,8 @@ def _aggregate(
         db_reads=sum(report.db_reads for report in reports),
         min_returned=min(values, default=None),
         max_returned=max(values, default=None),
-        p50_ms=_round(_percentile(latencies, 50)),
-        p99_ms=_round(_percentile(latencies, 99)),
+        p50_ms=_round(percentile(latencies, 50)),
+        p99_ms=_round(percentile(latencies, 99)),
         max_ms=_round(latencies[-1] if latencies else None),
         start_lag_ms=round(max(report.start_lag_ms for report in reports), 2),
         errors=sum(errors.values()),
@@ -536,7 +579,7 @@ def run_race(
     if not math.isfinite(db_delay_ms) or db_delay_ms < 0:
         raise ValueError(f"db_delay_ms must be a finite number >= 0, got {db_delay_ms}")
     run_id = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
-    spec = _Spec(
+    spec = PodSpec(
         strategy=strategy,
         callers=callers,
         db_delay_ms=db_delay_ms,
@@ -544,7 +587,7 @@ def run_race(
         key=f"race:spend:key:{run_id}",
         row_id=run_id,
     )
-    asyncio.run(_prepare(servers, run_id, db_value))
+    asyncio.run(prepare_race(servers, run_id, db_value))
     reports = _run_pods(spec, pods)
     failed = sorted((r for r in reports if r.failure), key=lambda r: r.collateral)
     failures = [f"pod {report.pod}: {report.failure}" for report in failed]
@@ -566,9 +609,21 @@ def race_servers(
 ) -> Iterator[Servers]:
     """The servers to race on: those given, plus embedded ones for whatever is missing
     (the counter store, three lock masters, PostgreSQL), stopped on exit."""
+    with started_servers(redis_url, lock_urls, pg_dsn) as (servers, _):
+        yield servers
+
+
+@contextlib.contextmanager
+def started_servers(
+    redis_url: str | None = None,
+    lock_urls: Sequence[str] = (),
+    pg_dsn: str | None = None,
+) -> Iterator[tuple[Servers, list[RedisServer]]]:
+    """:func:`race_servers`, with the embedded lock masters (none if lock URLs were given)
+    for callers that inject faults into them."""
     embedded_redis = (0 if redis_url else 1) + (0 if lock_urls else 3)
     if not embedded_redis and pg_dsn:
-        yield Servers(redis_url or "", tuple(lock_urls), pg_dsn)
+        yield Servers(redis_url or "", tuple(lock_urls), pg_dsn), []
         return
     try:
         running = EmbeddedServers(redis_count=embedded_redis, postgres=not pg_dsn)
@@ -576,11 +631,11 @@ def race_servers(
     except EmbeddedServerError as exc:
         raise RaceError(f"cannot start the embedded servers: {exc}") from exc
     try:
-        urls = iter(running.redis_urls)
-        store = redis_url or next(urls)
-        masters = tuple(lock_urls) or tuple(urls)
+        store = redis_url or running.redis_urls[0]
+        embedded_masters = [] if lock_urls else running.redis[embedded_redis - 3 :]
+        masters = tuple(lock_urls) or tuple(server.url for server in embedded_masters)
         dsn = pg_dsn or (running.postgres.dsn if running.postgres else "")
-        yield Servers(store, masters, dsn)
+        yield Servers(store, masters, dsn), embedded_masters
     finally:
         running.close()
 

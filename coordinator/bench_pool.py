@@ -1,0 +1,283 @@
+"""A warm pool of race pods, so that a sweep of many races spawns its interpreters once.
+
+Each pod of :mod:`coordinator.race` is a fresh interpreter that connects and warms up before
+its one race: seconds of setup per race, and 16 pods x dozens of races would not fit a
+benchmark's time budget. Here ``size`` pods are spawned once, each holding a warm contender
+per variant (its own clients, connection pools, Lua scripts, pub/sub connection) and a
+PostgreSQL pool, as long-lived proxy pods do. A round races the first ``pods`` of them on a
+fresh cold key: the parent sends each a start instant a little ahead, they sleep to it on
+their own timers, and each reports a :class:`~coordinator.race.PodReport`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import multiprocessing
+import signal
+import time
+import uuid
+from collections.abc import Sequence
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
+from multiprocessing.process import BaseProcess
+from typing import Any, cast
+
+from redis import Redis
+
+from .keys import fence_key
+from .race import (
+    CALL_TIMEOUT,
+    SETUP_TIMEOUT,
+    Contender,
+    PodReport,
+    PodSpec,
+    RaceError,
+    Servers,
+    Strategy,
+    _describe,
+    open_contender,
+    open_source,
+    prepare_race,
+    remove_row,
+    run_round,
+    sleep_until,
+    stop_pods,
+)
+from .values import parse_stored
+
+# Ahead of the start, so that every pod has the message and its tasks ready; pods in the
+# pool are idle and warm, so this is much shorter than a fresh race's barrier lead.
+ROUND_LEAD = 0.05
+ROUND_LEAD_PER_POD = 0.005
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A contender under a bench name: a race strategy and its options."""
+
+    name: str
+    strategy: Strategy
+    wake_on_seed: bool = True
+
+
+@dataclass(frozen=True)
+class _Setup:
+    """What every pod of the pool needs; pickled to each at spawn."""
+
+    servers: Servers
+    variants: tuple[Variant, ...]
+    callers: int
+    row_id: str
+    prefix: str
+
+    def spec(self, variant: Variant, key: str, db_delay_ms: float) -> PodSpec:
+        return PodSpec(
+            strategy=variant.strategy,
+            callers=self.callers,
+            db_delay_ms=db_delay_ms,
+            servers=self.servers,
+            key=key,
+            row_id=self.row_id,
+            wake_on_seed=variant.wake_on_seed,
+        )
+
+    def warm_key(self, index: int, variant: Variant) -> str:
+        return f"{self.prefix}:warm:{index}:{variant.name}"
+
+
+@dataclass(frozen=True)
+class _Job:
+    variant: str
+    key: str
+    db_delay_ms: float
+    at: float  # the wall-clock start
+
+
+@dataclass
+class Round:
+    """One race of ``pods`` pods of the pool."""
+
+    variant: str
+    pods: int
+    db_delay_ms: float
+    db_value: float
+    reports: list[PodReport]
+    final_counter: float | None
+    commands: dict[str, int]  # commands the servers ran for the round (scripts' included)
+
+
+# -- a pod ---------------------------------------------------------------------------------
+
+
+def _pod_main(setup: _Setup, index: int, conn: Connection) -> None:
+    """Entry point of a pooled pod: ``"ready"``, then one report per job until ``None``;
+    a failure is sent as its description, and ends the pod."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
+    try:
+        asyncio.run(_pod(setup, index, conn))
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            conn.send(_describe(exc))
+    finally:
+        conn.close()
+
+
+async def _pod(setup: _Setup, index: int, conn: Connection) -> None:
+    async with AsyncExitStack() as stack:
+        source = await open_source(setup.servers, stack)
+        contenders: dict[str, Contender] = {}
+        for variant in setup.variants:
+            spec = setup.spec(variant, setup.warm_key(index, variant), 0.0)
+            contenders[variant.name] = await open_contender(spec, source, spec.key, stack)
+        conn.send("ready")
+        while (job := await asyncio.to_thread(conn.recv)) is not None:
+            variant = next(v for v in setup.variants if v.name == job.variant)
+            report = await run_round(
+                setup.spec(variant, job.key, job.db_delay_ms),
+                index,
+                contenders[job.variant],
+                source,
+                functools.partial(sleep_until, job.at),
+            )
+            conn.send(report)
+
+
+# -- the parent ----------------------------------------------------------------------------
+
+
+@dataclass
+class _Member:
+    process: BaseProcess
+    conn: Connection
+
+
+class PodPool:
+    """``size`` warm pods racing on ``servers``; use as a context manager."""
+
+    def __init__(
+        self,
+        servers: Servers,
+        variants: Sequence[Variant],
+        *,
+        size: int,
+        callers: int,
+        db_value: float = 100.0,
+    ) -> None:
+        run_id = uuid.uuid4().hex[:12]
+        self.size = size
+        self.db_value = db_value
+        self._setup = _Setup(
+            servers, tuple(variants), callers, f"bench-{run_id}", f"bench:{run_id}"
+        )
+        self._members: list[_Member] = []
+        self._rounds = 0
+        self._client = Redis.from_url(servers.redis_url, socket_timeout=5.0)
+        self._lock_clients = [
+            Redis.from_url(url, socket_timeout=5.0)
+            for url in dict.fromkeys(servers.lock_urls)
+            if url != servers.redis_url
+        ]
+
+    def __enter__(self) -> PodPool:
+        try:
+            self._start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def race(self, variant: str, pods: int, db_delay_ms: float) -> Round:
+        """Race the first ``pods`` pods with ``variant`` on a fresh cold key."""
+        if not 1 <= pods <= self.size:
+            raise ValueError(f"pods must be in 1..{self.size}, got {pods}")
+        self._rounds += 1
+        key = f"{self._setup.prefix}:spend:{self._rounds}"
+        at = time.time() + ROUND_LEAD + ROUND_LEAD_PER_POD * pods
+        members = self._members[:pods]
+        before = self._commands()
+        for member in members:
+            member.conn.send(_Job(variant, key, db_delay_ms, at))
+        reports = self._collect(members, at + CALL_TIMEOUT + 10.0)
+        after = self._commands()
+        # Less the INFO of the first snapshot, which the second one counts: one per server.
+        commands = {
+            "store": after["store"] - before["store"] - 1,
+            "locks": after["locks"] - before["locks"] - len(self._lock_clients),
+        }
+        raw = self._client.get(key)
+        self._client.delete(key, fence_key(key))
+        final = None if raw is None else parse_stored(raw, key)
+        return Round(variant, pods, db_delay_ms, self.db_value, reports, final, commands)
+
+    def _commands(self) -> dict[str, int]:
+        """Commands processed so far by the counter store and by the lock masters."""
+
+        def processed(client: Redis) -> int:
+            return int(client.info("stats")["total_commands_processed"])
+
+        return {
+            "store": processed(self._client),
+            "locks": sum(processed(client) for client in self._lock_clients),
+        }
+
+    def close(self) -> None:
+        for member in self._members:
+            with contextlib.suppress(OSError):
+                member.conn.send(None)
+        stop_pods([member.process for member in self._members], grace=5.0)
+        for member in self._members:
+            member.conn.close()
+        self._members = []
+        with contextlib.suppress(Exception):
+            warm = [
+                self._setup.warm_key(index, variant)
+                for index in range(self.size)
+                for variant in self._setup.variants
+            ]
+            self._client.delete(*warm, *map(fence_key, warm))
+            asyncio.run(remove_row(self._setup.servers, self._setup.row_id))
+        for client in (self._client, *self._lock_clients):
+            client.close()
+
+    def _start(self) -> None:
+        asyncio.run(prepare_race(self._setup.servers, self._setup.row_id, self.db_value))
+        context = multiprocessing.get_context("spawn")
+        for index in range(self.size):
+            parent, child = context.Pipe()
+            process = context.Process(
+                target=_pod_main, args=(self._setup, index, child), name=f"bench-pod-{index}"
+            )
+            process.start()
+            child.close()
+            self._members.append(_Member(process, parent))
+        self._collect(self._members, time.time() + SETUP_TIMEOUT)
+        # Every contender's first lost race opens what a warm pod keeps open (the pub/sub
+        # connection of the seed wake-up, the lock clients' sockets): not part of a cold miss.
+        for variant in self._setup.variants:
+            self.race(variant.name, self.size, 0.0)
+
+    def _collect(self, members: Sequence[_Member], deadline: float) -> list[Any]:
+        """One message from each member, in order; a failure or a dead pod is an error."""
+        received: dict[int, Any] = {}
+        pending = {member.conn: index for index, member in enumerate(members)}
+        while pending:
+            remaining = deadline - time.time()
+            if remaining <= 0:
+                raise RaceError(f"{len(pending)} pooled pods did not answer in time")
+            for ready in wait(list(pending), timeout=remaining):
+                conn = cast(Connection, ready)
+                index = pending.pop(conn)
+                try:
+                    message = conn.recv()
+                except EOFError:
+                    message = f"exited with code {members[index].process.exitcode}"
+                if isinstance(message, str) and message != "ready":
+                    raise RaceError(f"pooled pod {index} failed: {message}")
+                received[index] = message
+        return [received[index] for index in range(len(members))]
