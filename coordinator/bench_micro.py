@@ -121,8 +121,9 @@ async def _cycle(manager: LeaseManager, name: str) -> bool:
         return False
     if lease is None:
         return False
-    async with lease:
-        return True
+    lease.hold()
+    await lease.let_go()
+    return True
 
 
 async def _block(manager: LeaseManager, name: str, ops: int) -> tuple[list[float], int]:

@@ -25,8 +25,9 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import math
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, Literal, TypeVar
 
 from redis.asyncio import Redis
@@ -50,8 +51,8 @@ from .observe import MissRole, Observer
 from .singleflight import SingleFlight
 from .stats import Stats
 from .store import CounterStore
-from .values import check_amount, check_loaded, positive_seconds
-from .wakeup import SeedSignals
+from .values import check_amount, check_loaded, parse_stored, positive_seconds
+from .wakeup import SeedSignals, Watch
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,13 @@ T = TypeVar("T")
 
 Loader = Callable[[], Awaitable[float]]
 OnTimeout = Literal["raise", "load"]
+
+
+@dataclass
+class _Backoff:
+    """A flight's pacing state across its attempts."""
+
+    lease_retry_at: float = -math.inf  # loop time before which the lease is not retried
 
 
 def _being_cancelled() -> bool:
@@ -130,6 +138,8 @@ class ReseedCoordinator:
         self._wait = wait
         self._on_timeout: OnTimeout = on_timeout
         self._backoff = wait_random_exponential(multiplier=backoff_initial, max=backoff_max)
+        self._backoff_max = backoff_max
+        self._releases: set[asyncio.Task[None]] = set()
         self._flights: SingleFlight[str, tuple[float, bool]] = SingleFlight()
         self._deadlines: dict[asyncio.Future[tuple[float, bool]], Deadline] = {}
         self._stats = Stats()
@@ -250,6 +260,7 @@ class ReseedCoordinator:
         for task in flights:
             task.cancel()
         await asyncio.gather(*flights, return_exceptions=True)
+        await asyncio.gather(*self._releases)
         await self._signals.aclose()
         for client in self._owned:
             await client.aclose()
@@ -313,22 +324,33 @@ class ReseedCoordinator:
     async def _rebuild(self, key: str, loader: Loader, deadline: Deadline) -> tuple[float, bool]:
         """The value, and whether this flight ran the loader to get it."""
         try:
-            async with self._signals.watch(key) as sleep:
+            async with self._signals.watch(key) as watch:
                 retrying = AsyncRetrying(
                     stop=stop_before_deadline(deadline),
                     wait=self._backoff,
-                    sleep=sleep,
+                    sleep=watch.sleep,
                     retry=retry_if_result(lambda outcome: outcome is None),
                 )
-                outcome: tuple[float, bool] = await retrying(self._attempt, key, loader, deadline)
+                outcome: tuple[float, bool] = await retrying(
+                    self._attempt, key, loader, deadline, watch, _Backoff()
+                )
         except RetryError:
             raise ReseedTimeoutError(f"no rebuild of {key!r} by the deadline", key=key) from None
         return outcome
 
     async def _attempt(
-        self, key: str, loader: Loader, deadline: Deadline
+        self, key: str, loader: Loader, deadline: Deadline, watch: Watch, backoff: _Backoff
     ) -> tuple[float, bool] | None:
         """One try: the stored or rebuilt value, or None to back off and retry."""
+        if watch.seeded is not None:
+            # The winner announced the value it seeded: no need to read it back.
+            return parse_stored(watch.seeded, key), False
+        loop = asyncio.get_running_loop()
+        if loop.time() < backoff.lease_retry_at:
+            # A live holder has the lease: re-read the key (one GET), and only try the
+            # lease again (a round trip to every master) once per backoff_max.
+            value = await self._store.read(key)
+            return None if value is None else (value, False)
         present, generation = await self._store.probe(key)
         if present is not None:
             return present, False
@@ -341,10 +363,16 @@ class ReseedCoordinator:
             return await self._seed(key, loader, deadline, generation)
         if lease is None:
             self._count("leases_lost")
+            backoff.lease_retry_at = loop.time() + self._backoff_max
             return None
         self._count("leases_won")
-        async with lease:
+        lease.hold()
+        try:
             return await self._seed(key, loader, deadline, generation)
+        finally:
+            release = lease.let_go()
+            self._releases.add(release)
+            release.add_done_callback(self._releases.discard)
 
     async def _seed(
         self, key: str, loader: Loader, deadline: Deadline, generation: int

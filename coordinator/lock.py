@@ -104,10 +104,11 @@ async def _release(lock: AIORedlock) -> None:
 
 
 class Lease:
-    """A held Redlock. Inside ``async with`` it is extended in the background (every half
-    lease, while the holder runs, up to the manager's cap if it has one) so that only a
-    dead or stalled holder is overtaken; on exit it is released, and a lease that already
-    expired is not an error."""
+    """A held Redlock. Between :meth:`hold` and :meth:`let_go` it is extended in the
+    background (every half lease, up to the manager's cap if it has one) so that only a dead
+    or stalled holder is overtaken. :meth:`let_go` releases it in the background, so the
+    holder's callers need not wait for the masters; a lease that already expired is not
+    an error."""
 
     def __init__(
         self, key: str, lock: AIORedlock, duration: float, on_extend: Callable[[], None]
@@ -118,16 +119,28 @@ class Lease:
         self._on_extend = on_extend
         self._keeper: asyncio.Task[None] | None = None
 
-    async def __aenter__(self) -> Lease:
+    def hold(self) -> None:
         self._keeper = asyncio.get_running_loop().create_task(self._keep())
-        return self
 
-    async def __aexit__(self, *exc_info: object) -> None:
+    def let_go(self) -> asyncio.Task[None]:
+        """Stop extending and release; the release runs on in the returned task."""
         if self._keeper is not None:
             self._keeper.cancel()
+        return asyncio.get_running_loop().create_task(self._let_go())
+
+    async def _let_go(self) -> None:
+        if self._keeper is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._keeper
-        await _release(self._lock)
+        try:
+            await _release(self._lock)
+        except Exception as exc:  # nobody awaits this task for its result
+            log.warning(
+                "releasing the lease on %s failed (it expires on its own): %r",
+                self._key,
+                exc,
+                extra={"key": self._key, "outcome": "release_failed"},
+            )
 
     async def _keep(self) -> None:
         while True:

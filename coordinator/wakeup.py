@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
@@ -24,7 +24,31 @@ from .keys import seed_channel
 
 log = logging.getLogger(__name__)
 
-Sleep = Callable[[float], Awaitable[None]]
+class Watch:
+    """One flight's view of its key's seed announcements: a backoff ``sleep`` that ends
+    early when the key is seeded, and the value the seed announced (``seeded``)."""
+
+    def __init__(self, signals: SeedSignals | None, channel: bytes) -> None:
+        self._signals = signals
+        self.channel = channel
+        self.event = asyncio.Event()
+        self.seeded: bytes | None = None
+        self.subscribed = False
+
+    async def sleep(self, seconds: float) -> None:
+        if self._signals is None:
+            await asyncio.sleep(seconds)
+            return
+        if not self.subscribed:
+            # Subscribe on the first backoff (a flight that wins its lease at once pays
+            # nothing), then return at once: the caller re-reads the key, which catches a
+            # seed that landed before the SUBSCRIBE did.
+            self.subscribed = True
+            await self._signals.add(self)
+            return
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.event.wait(), seconds)
+        self.event.clear()
 
 
 class SeedSignals:
@@ -33,36 +57,18 @@ class SeedSignals:
         self._enabled = enabled
         self._pubsub: PubSub | None = None
         self._reader: asyncio.Task[None] | None = None
-        self._waiters: dict[bytes, set[asyncio.Event]] = {}
+        self._waiters: dict[bytes, set[Watch]] = {}
         self._down = False
 
     @contextlib.asynccontextmanager
-    async def watch(self, key: str) -> AsyncIterator[Sleep]:
-        """A sleep function for ``key``'s backoff that returns early when ``key`` is seeded.
-
-        Subscribes on the first sleep, so a flight that wins its lease at once costs nothing.
-        """
-        if not self._enabled:
-            yield asyncio.sleep
-            return
-        channel = seed_channel(key).encode()
-        seeded = asyncio.Event()
-        subscribed = False
-
-        async def sleep(seconds: float) -> None:
-            nonlocal subscribed
-            if not subscribed:
-                subscribed = True
-                await self._add(channel, seeded)
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(seeded.wait(), seconds)
-            seeded.clear()
-
+    async def watch(self, key: str) -> AsyncIterator[Watch]:
+        """Announcements of ``key``'s seed for one flight (plain backoff when disabled)."""
+        watch = Watch(self if self._enabled else None, seed_channel(key).encode())
         try:
-            yield sleep
+            yield watch
         finally:
-            if subscribed:
-                await self._remove(channel, seeded)
+            if watch.subscribed:
+                await self._remove(watch)
 
     async def aclose(self) -> None:
         if self._reader is not None:
@@ -72,10 +78,11 @@ class SeedSignals:
         if self._pubsub is not None:
             await self._pubsub.aclose()  # type: ignore[no-untyped-call]
 
-    async def _add(self, channel: bytes, event: asyncio.Event) -> None:
-        events = self._waiters.setdefault(channel, set())
-        events.add(event)
-        if len(events) > 1:
+    async def add(self, watch: Watch) -> None:
+        channel = watch.channel
+        watches = self._waiters.setdefault(channel, set())
+        watches.add(watch)
+        if len(watches) > 1:
             return
         try:
             if self._pubsub is None:
@@ -88,12 +95,13 @@ class SeedSignals:
         if self._reader is None or self._reader.done():
             self._reader = asyncio.get_running_loop().create_task(self._read(self._pubsub))
 
-    async def _remove(self, channel: bytes, event: asyncio.Event) -> None:
-        events = self._waiters.get(channel)
-        if events is None:
+    async def _remove(self, watch: Watch) -> None:
+        channel = watch.channel
+        watches = self._waiters.get(channel)
+        if watches is None:
             return
-        events.discard(event)
-        if events:
+        watches.discard(watch)
+        if watches:
             return
         del self._waiters[channel]
         if self._pubsub is not None:
@@ -112,8 +120,9 @@ class SeedSignals:
                 continue
             self._restored()
             if message is not None and message.get("type") == "message":
-                for event in self._waiters.get(message["channel"], ()):
-                    event.set()
+                for watch in self._waiters.get(message["channel"], ()):
+                    watch.seeded = message["data"]
+                    watch.event.set()
 
     def _failed(self, exc: RedisError) -> None:
         # Once per outage: a retry every 0.1 s would otherwise log ten lines a second.
