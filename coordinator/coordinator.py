@@ -185,7 +185,11 @@ class ReseedCoordinator:
         key = validate_key(key)
         budget = self._budget(wait)
         self._check_open()
-        value = await self._guard(self._store.read(key))
+        try:  # _guard, inlined: one coroutine less on the hot path
+            value = await self._store.read(key)
+        except StoreError:
+            self._count("store_errors")
+            raise
         if value is not None:
             self._count("hits")
             return value

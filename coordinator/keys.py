@@ -8,31 +8,36 @@ has (``a:fence`` would collide with a user's counter called ``a:fence``).
 
 from __future__ import annotations
 
+import re
+
 from .errors import InvalidKeyError
 
 MAX_KEY_BYTES = 1024
 _SEP = "\x1f"
+# Control characters (so _SEP can never occur) and whitespace (unicode-aware, as str.isspace).
+_FORBIDDEN = re.compile(r"[\x00-\x1f\x7f\s]")
 
 
 def validate_key(key: object) -> str:
     """Return ``key`` if it is a usable counter key, else raise :class:`InvalidKeyError`."""
     if not isinstance(key, str):
         raise InvalidKeyError(f"counter key must be str, got {type(key).__name__}: {key!r}")
-    if not key:
+    try:
+        size = len(key.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        raise InvalidKeyError(f"counter key is not valid UTF-8: {key!r}", key=key) from exc
+    if not size:
         raise InvalidKeyError("counter key must not be empty", key=key)
-    if len(key.encode("utf-8", "surrogatepass")) > MAX_KEY_BYTES:
+    if size > MAX_KEY_BYTES:
         raise InvalidKeyError(
             f"counter key is longer than {MAX_KEY_BYTES} bytes: {key[:40]!r}...", key=key
         )
-    bad = next((c for c in key if ord(c) < 0x20 or ord(c) == 0x7F or c.isspace()), None)
+    bad = _FORBIDDEN.search(key)
     if bad is not None:
         raise InvalidKeyError(
-            f"counter key contains whitespace or a control character {bad!r}: {key!r}", key=key
+            f"counter key contains whitespace or a control character {bad.group()!r}: {key!r}",
+            key=key,
         )
-    try:
-        key.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise InvalidKeyError(f"counter key is not valid UTF-8: {key!r}", key=key) from exc
     return key
 
 
