@@ -155,11 +155,13 @@ class ReseedCoordinator:
         lock_urls: Sequence[str] | None = None,
         socket_timeout: float = 0.5,
         lock_timeout: float = 0.3,
+        max_connections: int = 100,
         **options: Any,
     ) -> ReseedCoordinator:
         """Build the clients too (and close them in :meth:`aclose`). Neither the store
-        client nor the lock clients retry commands blindly (see ``store`` and ``lock``)."""
-        store = redis_client(url, timeout=socket_timeout)
+        client nor the lock clients retry commands blindly (see ``clients``); past
+        ``max_connections`` store commands in flight, a command waits for a connection."""
+        store = redis_client(url, timeout=socket_timeout, max_connections=max_connections)
         masters = [lock_client(u, timeout=lock_timeout) for u in lock_urls or []]
         coordinator = cls(store, lock_masters=masters or None, **options)
         coordinator._owned = [store, *masters]
