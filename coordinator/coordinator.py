@@ -4,17 +4,22 @@ The whole protocol lives in this file::
 
     get(key, loader):
       GET key                               hit: return it (the hot path, one round trip)
-      miss: one rebuild per key per process (singleflight); the others await it
-        loop, paced by tenacity backoff, until the caller's deadline:
-          probe key                         present: return it; else note the generation
+      miss: probe key                       present: return it; else its reset generation
+        one rebuild per (key, generation) per process (singleflight); the others await it
+        loop, paced by tenacity backoff, until the most patient caller's deadline:
           try the Redlock lease on (key, generation)
-            lost    -> back off and loop (the holder may die, so keep trying)
+            lost    -> back off (woken early by the seed's pub/sub announcement), re-read
+                       the key, and retry the lease at most once per backoff_max (the
+                       holder may die); its announced value, if any, is the answer
             no quorum -> go on without a lease (degraded), still fenced
             won     -> token := new fencing token, re-check key (one script)
                        present: return it
                        value := loader()    the one DB read, fleet-wide
                        seed: SET value if key absent and token is still the newest
-                       release; return the stored value (or our own read if fenced out)
+                       return the stored value; release the lease in the background
+                       fenced out by a reset: rebuild in the new generation
+                       fenced out by a newer rebuild: return our own fresh read
+          probe key again                   present: return it; else its generation
 
 The lease only saves DB reads; correctness rests on the seed script, which never overwrites a
 counter and refuses any write whose token a newer rebuild or a reset has superseded.
@@ -26,7 +31,7 @@ import asyncio
 import inspect
 import logging
 import math
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal, TypeVar
 
@@ -66,6 +71,7 @@ OnTimeout = Literal["raise", "load"]
 class _Backoff:
     """A flight's pacing state across its attempts."""
 
+    probed: int | None  # the generation the first caller's probe found, for the first attempt
     lease_retry_at: float = -math.inf  # loop time before which the lease is not retried
 
 
@@ -140,7 +146,7 @@ class ReseedCoordinator:
         self._backoff = wait_random_exponential(multiplier=backoff_initial, max=backoff_max)
         self._backoff_max = backoff_max
         self._releases: set[asyncio.Task[None]] = set()
-        self._flights: SingleFlight[str, tuple[float, bool]] = SingleFlight()
+        self._flights: SingleFlight[tuple[str, int], tuple[float, bool]] = SingleFlight()
         self._deadlines: dict[asyncio.Future[tuple[float, bool]], Deadline] = {}
         self._stats = Stats()
         self._observer = observer
@@ -252,10 +258,10 @@ class ReseedCoordinator:
         """Delete the counter and fence out every rebuild of it in flight, fleet-wide."""
         key = validate_key(key)
         self._check_open()
+        # Rebuilds are per (key, generation), so a get after this starts a fresh rebuild
+        # (in this process or any other) instead of joining one the reset doomed.
         generation = await self._guard(self._store.reset(key))
         log.debug("counter reset", extra={"key": key, "generation": generation, "outcome": "reset"})
-        # A get after this returns must start a fresh rebuild, not join the doomed one.
-        self._flights.forget(key)
 
     async def aclose(self) -> None:
         """Cancel rebuilds in flight and close the clients built by :meth:`from_urls`."""
@@ -307,10 +313,22 @@ class ReseedCoordinator:
         return value
 
     async def _fly(self, key: str, loader: Loader, budget: float) -> tuple[float, MissRole]:
-        """Join (or start) this process's rebuild of ``key`` and wait for it, ``budget`` at
-        most; the value and whether this caller's flight ran the loader."""
+        """Join (or start) this process's rebuild of ``key`` in its current reset generation
+        and wait for it, ``budget`` at most; the value and this caller's role."""
         deadline = Deadline(asyncio.get_running_loop().time() + budget)
-        flight, joined = self._flights.join(key, lambda: self._rebuild(key, loader, deadline))
+        present, generation = await self._guard(self._store.probe(key))
+        if present is not None:
+            return present, "waited"
+        flight_key = (key, generation)
+
+        def start() -> Coroutine[Any, Any, tuple[float, bool]]:
+            return self._rebuild(key, loader, deadline, generation)
+
+        flight, joined = self._flights.join(flight_key, start)
+        if joined and self._deadlines[flight].remaining() <= 0:
+            # That flight gave up and is winding down: don't inherit its timeout.
+            self._flights.forget(flight_key)
+            flight, joined = self._flights.join(flight_key, start)
         if joined:
             self._count("joined")
             self._deadlines[flight].extend(deadline.at)
@@ -327,8 +345,11 @@ class ReseedCoordinator:
             raise
         return value, "loaded" if loaded and not joined else "waited"
 
-    async def _rebuild(self, key: str, loader: Loader, deadline: Deadline) -> tuple[float, bool]:
-        """The value, and whether this flight ran the loader to get it."""
+    async def _rebuild(
+        self, key: str, loader: Loader, deadline: Deadline, generation: int
+    ) -> tuple[float, bool]:
+        """The value, and whether this flight ran the loader to get it. ``generation`` is
+        what the first caller's probe found: the first attempt goes straight to the lease."""
         try:
             async with self._signals.watch(key) as watch:
                 retrying = AsyncRetrying(
@@ -338,7 +359,7 @@ class ReseedCoordinator:
                     retry=retry_if_result(lambda outcome: outcome is None),
                 )
                 outcome: tuple[float, bool] = await retrying(
-                    self._attempt, key, loader, deadline, watch, _Backoff()
+                    self._attempt, key, loader, deadline, watch, _Backoff(generation)
                 )
         except RetryError:
             raise ReseedTimeoutError(f"no rebuild of {key!r} by the deadline", key=key) from None
@@ -357,9 +378,12 @@ class ReseedCoordinator:
             # lease again (a round trip to every master) once per backoff_max.
             value = await self._store.read(key)
             return None if value is None else (value, False)
-        present, generation = await self._store.probe(key)
-        if present is not None:
-            return present, False
+        if backoff.probed is not None:
+            generation, backoff.probed = backoff.probed, None
+        else:
+            present, generation = await self._store.probe(key)
+            if present is not None:
+                return present, False
         try:
             lease = await self._locks.try_acquire(
                 key, generation, lambda: self._count("lease_extensions")
