@@ -10,7 +10,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from . import bench, doctor, proxy, race
+from . import bench, chaos, doctor, proxy, race
 from .cliargs import CommandError
 
 
@@ -21,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
         "fleet-wide.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for command in (race, doctor, bench, proxy):
+    for command in (race, doctor, chaos, bench, proxy):
         command.register(commands)
     return parser
 
