@@ -147,6 +147,7 @@ class ReseedCoordinator:
         self._backoff_max = backoff_max
         self._releases: set[asyncio.Task[None]] = set()
         self._flights: SingleFlight[tuple[str, int], tuple[float, bool]] = SingleFlight()
+        self._probes: SingleFlight[str, tuple[float | None, int]] = SingleFlight()
         self._deadlines: dict[asyncio.Future[tuple[float, bool]], Deadline] = {}
         self._stats = Stats()
         self._observer = observer
@@ -316,7 +317,10 @@ class ReseedCoordinator:
         """Join (or start) this process's rebuild of ``key`` in its current reset generation
         and wait for it, ``budget`` at most; the value and this caller's role."""
         deadline = Deadline(asyncio.get_running_loop().time() + budget)
-        present, generation = await self._guard(self._store.probe(key))
+        # Callers that miss together share one probe: a stampede costs one per process.
+        (present, generation), _ = await self._guard(
+            self._probes.do(key, lambda: self._store.probe(key))
+        )
         if present is not None:
             return present, "waited"
         flight_key = (key, generation)
