@@ -9,8 +9,8 @@ The whole protocol lives in this file::
         loop, paced by tenacity backoff, until the most patient caller's deadline:
           try the Redlock lease on (key, generation)
             lost    -> back off (woken early by the seed's pub/sub announcement), re-read
-                       the key, and retry the lease at most once per backoff_max (the
-                       holder may die); its announced value, if any, is the answer
+                       the key; retry the lease at exponentially growing intervals
+                       (the holder may die); the announced value, if any, is the answer
             no quorum -> go on without a lease (degraded), still fenced
             won     -> token := new fencing token, re-check key (one script)
                        present: return it
@@ -73,6 +73,7 @@ class _Backoff:
 
     probed: int | None  # the generation the first caller's probe found, for the first attempt
     lease_retry_at: float = -math.inf  # loop time before which the lease is not retried
+    leases_lost: int = 0
 
 
 def _being_cancelled() -> bool:
@@ -144,6 +145,7 @@ class ReseedCoordinator:
         self._wait = wait
         self._on_timeout: OnTimeout = on_timeout
         self._backoff = wait_random_exponential(multiplier=backoff_initial, max=backoff_max)
+        self._backoff_initial = backoff_initial
         self._backoff_max = backoff_max
         self._releases: set[asyncio.Task[None]] = set()
         self._flights: SingleFlight[tuple[str, int], tuple[float, bool]] = SingleFlight()
@@ -378,8 +380,8 @@ class ReseedCoordinator:
             return parse_stored(watch.seeded, key), False
         loop = asyncio.get_running_loop()
         if loop.time() < backoff.lease_retry_at:
-            # A live holder has the lease: re-read the key (one GET), and only try the
-            # lease again (a round trip to every master) once per backoff_max.
+            # Someone holds the lease: re-read the key (one GET) and leave the lease (a round
+            # trip to every master) alone until its retry time.
             value = await self._store.read(key)
             return None if value is None else (value, False)
         if backoff.probed is not None:
@@ -397,7 +399,11 @@ class ReseedCoordinator:
             return await self._seed(key, loader, deadline, generation)
         if lease is None:
             self._count("leases_lost")
-            backoff.lease_retry_at = loop.time() + self._backoff_max
+            # Retry soon at first (a split vote among contenders leaves no holder at all),
+            # then ever less often while a live holder loads, up to once per backoff_max.
+            backoff.leases_lost += 1
+            pause = min(self._backoff_max, self._backoff_initial * 2**backoff.leases_lost)
+            backoff.lease_retry_at = loop.time() + pause
             return None
         self._count("leases_won")
         lease.hold()
