@@ -62,6 +62,20 @@ async def snapshot(store: Redis) -> tuple[Any, int]:
     return await store.dump(KEY), await store.pttl(KEY)
 
 
+async def assert_refused_untouched(
+    coordinator: ReseedCoordinator, store: Redis, operation: str, error: type[Exception]
+) -> None:
+    """``operation`` on what is stored at KEY raises ``error`` naming the key, without
+    calling the loader or changing the key's value or expiry."""
+    before = await snapshot(store)
+    loader = Loader()
+    with pytest.raises(error) as caught:
+        await OPERATIONS[operation](coordinator, loader, KEY)
+    assert_names(caught.value)
+    assert loader.calls == 0
+    assert await snapshot(store) == before
+
+
 # -- keys ------------------------------------------------------------------------------
 
 BAD_KEYS = [
@@ -150,13 +164,7 @@ async def test_non_numeric_stored_value_is_corrupt_and_untouched(
     make_coordinator: CoordFactory, store: Redis, raw: str, operation: str
 ) -> None:
     await store.set(KEY, raw)
-    before = await snapshot(store)
-    loader = Loader()
-    with pytest.raises(CorruptCounterError) as caught:
-        await OPERATIONS[operation](make_coordinator(), loader, KEY)
-    assert_names(caught.value)
-    assert loader.calls == 0
-    assert await snapshot(store) == before
+    await assert_refused_untouched(make_coordinator(), store, operation, CorruptCounterError)
 
 
 _WRITERS: dict[str, Callable[[Redis], Awaitable[Any]]] = {
@@ -173,10 +181,4 @@ async def test_wrong_redis_type_is_refused_and_untouched(
     make_coordinator: CoordFactory, store: Redis, kind: str, operation: str
 ) -> None:
     await _WRITERS[kind](store)
-    before = await snapshot(store)
-    loader = Loader()
-    with pytest.raises(WrongTypeError) as caught:
-        await OPERATIONS[operation](make_coordinator(), loader, KEY)
-    assert_names(caught.value)
-    assert loader.calls == 0
-    assert await snapshot(store) == before
+    await assert_refused_untouched(make_coordinator(), store, operation, WrongTypeError)

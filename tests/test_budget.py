@@ -398,17 +398,33 @@ async def test_record_refuses_a_bad_cost_or_request_id(
 # -- the ledger contract: a spend write racing a rebuild ----------------------------------
 
 
+async def _rebuild_held_after_its_read(
+    make_coordinator: CoordFactory,
+    source: PostgresSpendSource,
+    scope: Scope,
+    entity_id: EntityId,
+    *,
+    spend: float,
+) -> tuple[Gate, BudgetGuard, asyncio.Task[list[float | None]]]:
+    """Start a rebuild of a 100-budget entity with ``spend`` in the DB and hold it after
+    its read, before its seed: release it with ``gate.release.set()``."""
+    await source.set_budget(scope, entity_id, 100.0)
+    await source.pool.execute("UPDATE budget_entity SET spend = $1", spend)
+    gate = Gate(source)
+    reader = _guard(make_coordinator(), gate)
+    gate.hold()
+    rebuild = asyncio.create_task(reader.check([(scope, entity_id, 100.0)]))
+    await asyncio.wait_for(gate.read_done.wait(), 10)
+    return gate, reader, rebuild
+
+
 async def test_a_spend_committed_after_a_rebuilds_read_fences_its_seed(
     make_coordinator: CoordFactory, store: Redis, source: PostgresSpendSource
 ) -> None:
-    await source.set_budget("team", "t", 100.0)
-    await source.pool.execute("UPDATE budget_entity SET spend = 10")
-    gate = Gate(source)
-    reader = _guard(make_coordinator(), gate)
+    gate, reader, rebuild = await _rebuild_held_after_its_read(
+        make_coordinator, source, "team", "t", spend=10.0
+    )
     writer = _guard(make_coordinator(), source)
-    gate.hold()
-    rebuild = asyncio.create_task(reader.check([("team", "t", 100.0)]))
-    await asyncio.wait_for(gate.read_done.wait(), 10)  # it read 10, and has not seeded yet
 
     async def count() -> None:
         await writer.record_spend([("team", "t")], 5.0, request_id="r1")
@@ -451,14 +467,10 @@ async def test_a_rebuild_reads_a_spend_write_in_progress_only_after_its_commit(
 async def test_a_reset_during_a_rebuild_keeps_pre_reset_spend_out(
     make_coordinator: CoordFactory, store: Redis, source: PostgresSpendSource
 ) -> None:
-    await source.set_budget("key", "k", 100.0)
-    await source.pool.execute("UPDATE budget_entity SET spend = 80")
-    gate = Gate(source)
-    reader = _guard(make_coordinator(), gate)
+    gate, _, rebuild = await _rebuild_held_after_its_read(
+        make_coordinator, source, "key", "k", spend=80.0
+    )
     admin = _guard(make_coordinator(), source)
-    gate.hold()
-    rebuild = asyncio.create_task(reader.check([("key", "k", 100.0)]))
-    await asyncio.wait_for(gate.read_done.wait(), 10)
 
     await source.reset_spend("key", "k", on_locked=lambda: admin.reset("key", "k"))
     gate.release.set()

@@ -111,6 +111,16 @@ async def stored(client: Redis) -> float | None:
     return None if raw is None else float(raw)
 
 
+async def assert_loaded_once_under_a_lease(
+    coordinators: Sequence[ReseedCoordinator], source: Source, client: Redis
+) -> None:
+    """One DB read, under a lease won on a majority (no pod fell back to degraded mode),
+    and its value stored."""
+    assert source.calls == 1
+    assert total(coordinators, "lock_degraded") == 0
+    assert await stored(client) == DB_VALUE
+
+
 async def assert_nothing_written(client: Redis) -> None:
     """No counter, and no key but the fence hash (which a rebuild attempt may create)."""
     assert set(await client.keys("*")) <= {fence_key(KEY).encode()}
@@ -460,9 +470,7 @@ async def test_one_lock_master_down_still_loads_once(
     source = Source(delay=0.1)
     values = await race(coordinators, source, 2)
     assert values == [DB_VALUE] * 8
-    assert source.calls == 1
-    assert total(coordinators, "lock_degraded") == 0
-    assert await stored(own_store) == DB_VALUE
+    await assert_loaded_once_under_a_lease(coordinators, source, own_store)
 
 
 async def test_a_paused_lock_master_costs_a_timeout_not_a_hang(
@@ -478,9 +486,7 @@ async def test_a_paused_lock_master_costs_a_timeout_not_a_hang(
     finally:
         master.resume()
     assert values == [DB_VALUE] * 6
-    assert source.calls == 1
-    assert total(coordinators, "lock_degraded") == 0
-    assert await stored(own_store) == DB_VALUE
+    await assert_loaded_once_under_a_lease(coordinators, source, own_store)
 
 
 async def test_majority_of_lock_masters_down_degrades_but_stays_correct(

@@ -13,6 +13,7 @@ import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -45,6 +46,14 @@ def _client(url: str, timeout: float = 2.0) -> Redis:
         socket_connect_timeout=timeout,
         retry=Retry(NoBackoff(), 0),
     )
+
+
+async def _fetchval(dsn: str, query: str) -> Any:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await conn.fetchval(query)
+    finally:
+        await conn.close()
 
 
 def _pid_gone(pid: int) -> bool:
@@ -80,11 +89,7 @@ async def test_bundle_serves_then_cleans_up() -> None:
                 assert await client.ping() is True
             finally:
                 await client.aclose()
-        conn = await asyncpg.connect(servers.postgres.dsn)
-        try:
-            assert await conn.fetchval("SELECT 1") == 1
-        finally:
-            await conn.close()
+        assert await _fetchval(servers.postgres.dsn, "SELECT 1") == 1
         pids = [server.pid for server in servers.redis] + [servers.postgres.pid]
         dirs = [server.directory for server in servers.redis] + [servers.postgres.directory]
 
@@ -165,8 +170,11 @@ def test_stop_of_paused_redis_is_prompt(redis_server: RedisServer) -> None:
     redis_server.stop()  # idempotent
 
 
-def test_redis_moves_off_a_port_taken_before_start() -> None:
-    server = RedisServer()
+@pytest.mark.parametrize("server_type", [RedisServer, PostgresServer])
+def test_server_moves_off_a_port_taken_before_start(
+    server_type: type[RedisServer] | type[PostgresServer],
+) -> None:
+    server = server_type()
     with socket.socket() as squatter:
         squatter.bind(("127.0.0.1", server.port))
         squatter.listen()
@@ -205,34 +213,15 @@ async def test_postgres_kill_then_start_keeps_rows() -> None:
             await asyncpg.connect(pg.dsn, timeout=2)
         pg.start()
         assert pg.port == port
-        conn = await asyncpg.connect(pg.dsn)
-        try:
-            assert await conn.fetchval("SELECT id FROM survivors") == 7
-        finally:
-            await conn.close()
+        assert await _fetchval(pg.dsn, "SELECT id FROM survivors") == 7
         pg.stop()
         pg.start()
         pg.restart()
         assert pg.port == port
-        conn = await asyncpg.connect(pg.dsn)
-        try:
-            assert await conn.fetchval("SELECT count(*) FROM survivors") == 1
-        finally:
-            await conn.close()
+        assert await _fetchval(pg.dsn, "SELECT count(*) FROM survivors") == 1
         directory = pg.directory
     assert directory is not None
     assert not directory.exists()
-
-
-def test_postgres_moves_off_a_port_taken_before_start() -> None:
-    pg = PostgresServer()
-    with socket.socket() as squatter:
-        squatter.bind(("127.0.0.1", pg.port))
-        squatter.listen()
-        taken = pg.port
-        with pg:
-            assert pg.port != taken
-            assert pg.pid is not None
 
 
 def test_external_postgres_is_not_controlled(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -162,22 +162,35 @@ def stat(reports: Sequence[Report], name: str) -> int:
     return sum(report["stats"][name] for report in reports)
 
 
-def fresh_key() -> str:
-    return f"spend:proc:{uuid.uuid4().hex}"
+def fresh_row(rows: Rows, value: float) -> str:
+    """A new key whose row holds ``value``."""
+    key = f"spend:proc:{uuid.uuid4().hex}"
+    rows.put(key, value)
+    return key
+
+
+def signal_mid_load(
+    fleet: Fleet, ready: Barrier, go: Barrier, loading: Event, sig: signal.Signals
+) -> int:
+    """Release the pods, let A through ``go``, and once A's loader has read the row send A
+    ``sig``; returns A's pid."""
+    ready.wait(GATE_TIMEOUT)
+    go.wait(GATE_TIMEOUT)
+    assert loading.wait(GATE_TIMEOUT)
+    pid = fleet.procs["A"].pid
+    assert pid is not None
+    os.kill(pid, sig)
+    return pid
 
 
 def test_pods_racing_a_cold_key_read_the_db_once(
     fleet: Fleet, servers: EmbeddedServers, rows: Rows
 ) -> None:
     pods, callers, db_value = 6, 8, 100.25
-    key = fresh_key()
-    rows.put(key, db_value)
-    assert servers.postgres is not None
+    key = fresh_row(rows, db_value)
     ready, go = fleet.barrier(pods + 1), fleet.barrier(pods + 1)
     for i in range(pods):
-        spec = pod_spec(
-            servers, servers.postgres.dsn, f"pod{i}", key, callers=callers, db_delay=0.2
-        )
+        spec = pod_spec(servers, rows.dsn, f"pod{i}", key, callers=callers, db_delay=0.2)
         fleet.start(spec, Links(fleet.results, ready, (go,)))
     ready.wait(GATE_TIMEOUT)
     go.wait(GATE_TIMEOUT)
@@ -194,24 +207,17 @@ def test_holder_killed_mid_rebuild_is_overtaken_after_its_lease(
     fleet: Fleet, servers: EmbeddedServers, rows: Rows
 ) -> None:
     db_value, wait = 42.5, 10.0
-    key = fresh_key()
-    rows.put(key, db_value)
-    assert servers.postgres is not None
+    key = fresh_row(rows, db_value)
     options = {"lease": 1.0, "lease_extensions": 0, "wait": wait}
-    base = pod_spec(servers, servers.postgres.dsn, "A", key, callers=4, options=options)
+    base = pod_spec(servers, rows.dsn, "A", key, callers=4, options=options)
     ready, go_holder, go_rest = fleet.barrier(4), fleet.barrier(2), fleet.barrier(3)
     loading = fleet.event()
     # A's loader reads the row, says so, then never returns: it dies holding the lease.
     fleet.start(base, Links(fleet.results, ready, (go_holder,), loading, fleet.event()))
     for name in ("B", "C"):
         fleet.start(replace(base, name=name), Links(fleet.results, ready, (go_rest,)))
-    ready.wait(GATE_TIMEOUT)
-    go_holder.wait(GATE_TIMEOUT)
-    assert loading.wait(GATE_TIMEOUT)
-    holder = fleet.procs["A"]
-    assert holder.pid is not None
-    os.kill(holder.pid, signal.SIGKILL)
-    holder.join(GATE_TIMEOUT)
+    signal_mid_load(fleet, ready, go_holder, loading, signal.SIGKILL)
+    fleet.procs["A"].join(GATE_TIMEOUT)
     # Checked after the kill, so B and C certainly meet a dead holder's live lease.
     assert lease_holders(servers, key) >= 2
     go_rest.wait(GATE_TIMEOUT)
@@ -235,21 +241,14 @@ def test_holder_paused_past_its_lease_is_fenced_out(
     # refuse A's stale v1. Then B seeds v2. (Had B seeded first, A would merely lose the
     # SET NX; had a reset come instead of B, it would test the reset, not the pause.)
     old, new = 10.0, 250.0
-    key = fresh_key()
-    rows.put(key, old)
-    assert servers.postgres is not None
+    key = fresh_row(rows, old)
     options = {"lease": 1.0, "lease_extensions": 3, "wait": GATE_TIMEOUT}
-    base = pod_spec(servers, servers.postgres.dsn, "A", key, options=options)
+    base = pod_spec(servers, rows.dsn, "A", key, options=options)
     ready, go_a, go_b = fleet.barrier(3), fleet.barrier(2), fleet.barrier(2)
     a_loading, a_proceed, b_loading, b_proceed = (fleet.event() for _ in range(4))
     fleet.start(base, Links(fleet.results, ready, (go_a,), a_loading, a_proceed))
     fleet.start(replace(base, name="B"), Links(fleet.results, ready, (go_b,), b_loading, b_proceed))
-    ready.wait(GATE_TIMEOUT)
-    go_a.wait(GATE_TIMEOUT)
-    assert a_loading.wait(GATE_TIMEOUT)
-    paused = fleet.procs["A"].pid
-    assert paused is not None
-    os.kill(paused, signal.SIGSTOP)
+    paused = signal_mid_load(fleet, ready, go_a, a_loading, signal.SIGSTOP)
     try:
         rows.put(key, new)
         go_b.wait(GATE_TIMEOUT)
@@ -278,14 +277,12 @@ def test_store_restart_rebuilds_once(
     fleet: Fleet, servers: EmbeddedServers, own_servers: EmbeddedServers, rows: Rows
 ) -> None:
     pods, callers, first, second = 4, 4, 30.0, 75.5
-    key = fresh_key()
-    rows.put(key, first)
-    assert servers.postgres is not None
+    key = fresh_row(rows, first)
     ready, round_one, round_two = (fleet.barrier(pods + 1) for _ in range(3))
     for i in range(pods):
         spec = pod_spec(
             own_servers,
-            servers.postgres.dsn,
+            rows.dsn,
             f"pod{i}",
             key,
             callers=callers,
