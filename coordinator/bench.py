@@ -327,9 +327,10 @@ def _bench(args: argparse.Namespace) -> int:
     def progress(line: str) -> None:
         print(f"bench: {line}", file=sys.stderr, flush=True)
 
-    with started_servers(args.redis_url, args.lock_url, args.pg_dsn) as (servers, masters):
+    with started_servers(args.redis_url, args.lock_url, args.pg_dsn) as deployment:
+        masters = deployment.masters
         victim = masters[-1] if len(masters) == 3 else None
-        document = run_bench(plan, servers, victim, progress)
+        document = run_bench(plan, deployment.servers, victim, progress)
     try:
         files = write_outputs(document, args.out)
     except OSError as exc:

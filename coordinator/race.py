@@ -47,7 +47,7 @@ from redis.exceptions import RedisError
 
 from .cliargs import CommandError, add_server_flags, non_negative, positive_int, print_json
 from .coordinator import Loader, ReseedCoordinator
-from .embedded import EmbeddedServerError, EmbeddedServers, RedisServer
+from .embedded import EmbeddedServerError, EmbeddedServers, PostgresServer, RedisServer
 from .keys import fence_key
 from .sources import PostgresSource
 from .values import parse_stored
@@ -601,6 +601,17 @@ def run_race(
     return _aggregate(spec, pods, db_value, reports, final)
 
 
+@dataclass(frozen=True)
+class Deployment:
+    """The servers to run on, and handles on the embedded ones (None or empty for those
+    given by URL), for callers that inject faults into them."""
+
+    servers: Servers
+    store: RedisServer | None = None
+    masters: tuple[RedisServer, ...] = ()
+    postgres: PostgresServer | None = None
+
+
 @contextlib.contextmanager
 def race_servers(
     redis_url: str | None = None,
@@ -609,8 +620,8 @@ def race_servers(
 ) -> Iterator[Servers]:
     """The servers to race on: those given, plus embedded ones for whatever is missing
     (the counter store, three lock masters, PostgreSQL), stopped on exit."""
-    with started_servers(redis_url, lock_urls, pg_dsn) as (servers, _):
-        yield servers
+    with started_servers(redis_url, lock_urls, pg_dsn) as deployment:
+        yield deployment.servers
 
 
 @contextlib.contextmanager
@@ -618,12 +629,11 @@ def started_servers(
     redis_url: str | None = None,
     lock_urls: Sequence[str] = (),
     pg_dsn: str | None = None,
-) -> Iterator[tuple[Servers, list[RedisServer]]]:
-    """:func:`race_servers`, with the embedded lock masters (none if lock URLs were given)
-    for callers that inject faults into them."""
+) -> Iterator[Deployment]:
+    """:func:`race_servers`, with handles on the embedded servers."""
     embedded_redis = (0 if redis_url else 1) + (0 if lock_urls else 3)
     if not embedded_redis and pg_dsn:
-        yield Servers(redis_url or "", tuple(lock_urls), pg_dsn), []
+        yield Deployment(Servers(redis_url or "", tuple(lock_urls), pg_dsn))
         return
     try:
         running = EmbeddedServers(redis_count=embedded_redis, postgres=not pg_dsn)
@@ -631,11 +641,16 @@ def started_servers(
     except EmbeddedServerError as exc:
         raise RaceError(f"cannot start the embedded servers: {exc}") from exc
     try:
-        store = redis_url or running.redis_urls[0]
-        embedded_masters = [] if lock_urls else running.redis[embedded_redis - 3 :]
-        masters = tuple(lock_urls) or tuple(server.url for server in embedded_masters)
-        dsn = pg_dsn or (running.postgres.dsn if running.postgres else "")
-        yield Servers(store, masters, dsn), embedded_masters
+        spare = iter(running.redis)
+        store = None if redis_url else next(spare)
+        masters = () if lock_urls else tuple(spare)
+        postgres = running.postgres
+        servers = Servers(
+            redis_url or (store.url if store else ""),
+            tuple(lock_urls) or tuple(server.url for server in masters),
+            pg_dsn or (postgres.dsn if postgres else ""),
+        )
+        yield Deployment(servers, store, masters, postgres)
     finally:
         running.close()
 

@@ -13,9 +13,9 @@ from typing import Any
 import asyncpg
 from redis import Redis
 
-from ..embedded import EmbeddedServerError, EmbeddedServers, PostgresServer, RedisServer
-from ..race import Servers
-from .common import QUERY, TABLE, ChaosError, Need
+from ..embedded import EmbeddedServers, PostgresServer, RedisServer
+from ..race import Servers, started_servers
+from .common import QUERY, TABLE, Need
 
 
 @dataclass
@@ -147,22 +147,7 @@ def chaos_env(
 ) -> Iterator[ChaosEnv]:
     """The servers given, plus embedded ones for whatever is missing (kept as handles, so
     that the scenarios can kill them), stopped on exit."""
-    redis_count = (0 if redis_url else 1) + (0 if lock_urls else 3)
-    try:
-        running = EmbeddedServers(redis_count=redis_count, postgres=not pg_dsn)
-        running.start()
-    except EmbeddedServerError as exc:
-        raise ChaosError(f"cannot start the embedded servers: {exc}") from exc
-    try:
-        spare = iter(running.redis)
-        store = None if redis_url else next(spare)
-        masters = () if lock_urls else tuple(spare)
-        postgres = running.postgres
-        servers = Servers(
-            redis_url or (store.url if store else ""),
-            tuple(lock_urls) or tuple(server.url for server in masters),
-            pg_dsn or (postgres.dsn if postgres else ""),
+    with started_servers(redis_url, lock_urls, pg_dsn) as deployment:
+        yield ChaosEnv(
+            deployment.servers, deployment.store, deployment.masters, deployment.postgres
         )
-        yield ChaosEnv(servers, store, masters, postgres)
-    finally:
-        running.close()
