@@ -28,8 +28,8 @@ from collections.abc import Awaitable, Callable, Iterator
 
 from coordinator import ReseedCoordinator
 from coordinator.budget import BudgetGuard, EntityId, Scope
-from coordinator.cliargs import positive_int
-from coordinator.embedded import RedisServer
+from coordinator.lab.cliargs import positive_int
+from coordinator.lab.embedded import RedisServer
 
 ENTITIES: list[tuple[Scope, EntityId, float]] = [
     ("key", "sk-4f2a9c", 100.0),

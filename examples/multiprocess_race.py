@@ -21,7 +21,7 @@ import asyncpg
 from redis.asyncio import Redis
 
 from coordinator import ReseedCoordinator
-from coordinator.embedded import EmbeddedServers
+from coordinator.lab.embedded import EmbeddedServers
 from coordinator.sources import PostgresSource
 
 PODS = 4

@@ -14,7 +14,7 @@ import pytest
 from redis.asyncio import Redis
 
 from coordinator import ReseedCoordinator
-from coordinator.embedded import EmbeddedServers
+from coordinator.lab.embedded import EmbeddedServers
 
 CoordFactory = Callable[..., ReseedCoordinator]
 

@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from coordinator.bench import VARIANTS
-from coordinator.bench_report import format_table, plot
-from coordinator.embedded import EmbeddedServers
+from coordinator.lab.bench.command import VARIANTS
+from coordinator.lab.bench.report import format_table, plot
+from coordinator.lab.embedded import EmbeddedServers
 
 LATENCY = {"n", "p50_ms", "p99_ms"}
 

@@ -36,10 +36,10 @@ from coordinator.budget import (
     parse_spend_key,
     spend_key,
 )
-from coordinator.embedded import EmbeddedServers
+from coordinator.budget.spend_source import PostgresSpendSource
 from coordinator.errors import ConfigurationError, InvalidValueError
 from coordinator.keys import MAX_KEY_BYTES
-from coordinator.spend_source import PostgresSpendSource
+from coordinator.lab.embedded import EmbeddedServers
 
 CoordFactory = Callable[..., ReseedCoordinator]
 

@@ -30,8 +30,8 @@ from coordinator import (
     StoreError,
     WrongTypeError,
 )
-from coordinator.embedded import EmbeddedServers
 from coordinator.keys import fence_key
+from coordinator.lab.embedded import EmbeddedServers
 
 KEY = "litellm:spend:team:t1"
 DB_VALUE = 100.0

@@ -20,11 +20,11 @@ import asyncpg
 import pytest
 from redis.asyncio import Redis
 
-from coordinator import cli
 from coordinator.budget import EntityId, spend_key
-from coordinator.doctor import FIXABLE, Doctor, Report, classify, parse_key
-from coordinator.embedded import EmbeddedServers
-from coordinator.spend_source import schema_sql
+from coordinator.budget.doctor import FIXABLE, Doctor, Report, classify, parse_key
+from coordinator.budget.spend_source import schema_sql
+from coordinator.lab import cli
+from coordinator.lab.embedded import EmbeddedServers
 
 ROOT = Path(__file__).resolve().parent.parent
 NS = "litellm"

@@ -1,4 +1,4 @@
-"""coordinator.embedded against real redis-server and PostgreSQL processes (no mocks)."""
+"""coordinator.lab.embedded against real redis-server and PostgreSQL processes (no mocks)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
-from coordinator.embedded import (
+from coordinator.lab.embedded import (
     EmbeddedServerError,
     EmbeddedServers,
     PostgresServer,
@@ -270,7 +270,7 @@ def test_servers_die_with_a_sigkilled_parent() -> None:
     script = textwrap.dedent(
         """
         import os, signal
-        from coordinator.embedded import EmbeddedServers
+        from coordinator.lab.embedded import EmbeddedServers
         servers = EmbeddedServers(redis_count=1, postgres=True)
         servers.start()
         print(servers.redis[0].pid, servers.postgres.pid, flush=True)

@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
 from coordinator import Loader, ReseedCoordinator, lock
-from coordinator.embedded import EmbeddedServers
+from coordinator.lab.embedded import EmbeddedServers
 from coordinator.metrics import PrometheusObserver
 from coordinator.observe import MissRole
 from coordinator.stats import Stats

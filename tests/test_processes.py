@@ -24,7 +24,7 @@ import pytest
 from pods import GATE_TIMEOUT, TABLE, Links, PodSpec, run
 from redis import Redis
 
-from coordinator.embedded import EmbeddedServers
+from coordinator.lab.embedded import EmbeddedServers
 
 Report = dict[str, Any]
 

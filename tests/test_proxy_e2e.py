@@ -28,10 +28,10 @@ import pytest
 from redis.asyncio import Redis
 
 from coordinator.budget import EntityId, Scope, spend_key
-from coordinator.embedded import EmbeddedServers
-from coordinator.proxy import DEMO_KEY, Pod, add_api_key, run_pods
-from coordinator.race import Servers
-from coordinator.spend_source import PostgresSpendSource
+from coordinator.budget.spend_source import PostgresSpendSource
+from coordinator.lab.embedded import EmbeddedServers
+from coordinator.lab.proxy import DEMO_KEY, Pod, add_api_key, run_pods
+from coordinator.lab.race import Servers
 
 PODS = 3
 COST = 0.5

@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from coordinator import cli, race
-from coordinator.embedded import EmbeddedServers
-from coordinator.race import RaceError, RaceResult, Servers, StartLine, Strategy, run_race
+from coordinator.lab import cli, race
+from coordinator.lab.embedded import EmbeddedServers
+from coordinator.lab.race import RaceError, RaceResult, Servers, StartLine, Strategy, run_race
 
 DB_VALUE = 123.25
 

@@ -21,7 +21,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_stat
 from redis.asyncio import Redis
 
 from coordinator import ReseedCoordinator
-from coordinator.embedded import EmbeddedServers
+from coordinator.lab.embedded import EmbeddedServers
 
 T = TypeVar("T")
 

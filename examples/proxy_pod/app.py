@@ -54,9 +54,9 @@ from coordinator.budget import (
     Overage,
     as_entity,
 )
+from coordinator.budget.spend_source import PostgresSpendSource
 from coordinator.errors import MissingRowError
-from coordinator.proxy import hash_api_key
-from coordinator.spend_source import PostgresSpendSource
+from coordinator.lab.proxy import hash_api_key
 
 log = logging.getLogger("proxy_pod")
 

@@ -1,6 +1,6 @@
 """Lock contention across real processes: P pods (spawned OS processes, each with its own
 coordinator and PostgreSQL pool) x C concurrent callers, released together onto cold or hot
-counters whose values are PostgreSQL rows. The pods are ``coordinator.chaos`` pods, shared by
+counters whose values are PostgreSQL rows. The pods are ``coordinator.lab.chaos`` pods, shared by
 the whole module (spawned once, up to 16).
 
 Every call is also judged as in the fault table (``Run.judge``): it ended with a value (or a
@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 
 import pytest
 
-from coordinator.chaos import (
+from coordinator.lab.chaos import (
     ChaosEnv,
     Lab,
     Report,
@@ -24,7 +24,7 @@ from coordinator.chaos import (
     stat,
     values,
 )
-from coordinator.embedded import EmbeddedServers
+from coordinator.lab.embedded import EmbeddedServers
 
 WAIT = 15.0
 CALLERS = 8

@@ -22,7 +22,7 @@ from coordinator import (
     WrongTypeError,
 )
 from coordinator.coordinator import Loader
-from coordinator.embedded import EmbeddedServers
+from coordinator.lab.embedded import EmbeddedServers
 from coordinator.sources import PostgresSource
 
 KEY = "litellm:spend:team:bad-source"

@@ -1,6 +1,6 @@
 """The fault table (DESIGN.md section 4), one test per row, on real servers and pods.
 
-Each test runs the same scenario as ``python -m coordinator chaos`` (``coordinator.chaos``)
+Each test runs the same scenario as ``python -m coordinator chaos`` (``coordinator.lab.chaos``)
 and asserts on the row it returns. Every scenario has already checked that every call of
 every pod ended with a value or a typed error within its deadline and that no value was
 above the DB value plus the increments applied (``row.failures`` lists what did not hold);
@@ -17,10 +17,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from coordinator import chaos
-from coordinator.chaos import ChaosEnv, Lab, Row, Run, Scenario
-from coordinator.cli import main
-from coordinator.embedded import EmbeddedServers
+from coordinator.lab import chaos
+from coordinator.lab.chaos import ChaosEnv, Lab, Row, Run, Scenario
+from coordinator.lab.cli import main
+from coordinator.lab.embedded import EmbeddedServers
 
 
 @pytest.fixture(scope="module")

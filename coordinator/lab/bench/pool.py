@@ -1,6 +1,6 @@
 """A warm pool of race pods, so that a sweep of many races spawns its interpreters once.
 
-Each pod of :mod:`coordinator.race` is a fresh interpreter that connects and warms up before
+Each pod of :mod:`coordinator.lab.race` is a fresh interpreter that connects and warms up before
 its one race: seconds of setup per race, and 16 pods x dozens of races would not fit a
 benchmark's time budget. Here ``size`` pods are spawned once, each holding a warm contender
 per variant (its own clients, connection pools, Lua scripts, pub/sub connection) and a
@@ -27,8 +27,9 @@ from typing import Any, cast
 
 from redis import Redis
 
-from .keys import fence_key
-from .race import (
+from ...keys import fence_key
+from ...values import parse_stored
+from ..race import (
     CALL_TIMEOUT,
     SETUP_TIMEOUT,
     Contender,
@@ -46,7 +47,6 @@ from .race import (
     sleep_until,
     stop_pods,
 )
-from .values import parse_stored
 
 # Ahead of the start, so that every pod has the message and its tasks ready; pods in the
 # pool are idle and warm, so this is much shorter than a fresh race's barrier lead.

@@ -1,4 +1,5 @@
-"""``python -m coordinator doctor``: find the spend counters that lie, and rebuild them.
+"""The doctor: find the spend counters that lie, and rebuild them (``python -m coordinator doctor``
+is its command line, in :mod:`coordinator.lab.doctor`).
 
 The doctor walks the counters ``<namespace>:spend:<scope>:<id>`` of a live deployment with
 SCAN (batched, never KEYS), reads each batch in one pipelined round trip, looks the batch's
@@ -29,18 +30,16 @@ and so are the coordinator's own keys (with ``\\x1f``).
 
 Queries: one per scope and batch. ``$1`` is a ``text[]`` of ids (``team_member``: ``$1`` the
 team ids, ``$2`` the user ids); the rows are the id column(s), then the value. The default
-queries read the shipped schema (``coordinator/sql/budget_schema.sql``) ``FOR SHARE``, as
-:mod:`coordinator.spend_source` does, so a rebuild waits for a spend write in progress. With
+queries read the shipped schema (``coordinator/budget/sql/budget_schema.sql``) ``FOR SHARE``, as
+:mod:`coordinator.budget.spend_source` does, so a rebuild waits for a spend write in progress. With
 ``--query`` only the scopes given are checked; the counters of the others are skipped.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import math
 import re
-import sys
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -49,19 +48,19 @@ from typing import Any, Literal, get_args
 
 import asyncpg
 from redis.asyncio import Redis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import ResponseError
 
-from .budget import SCOPES, EntityId, Scope, parse_spend_key
-from .cliargs import CommandError, non_negative, positive_int, print_json
-from .coordinator import Loader, ReseedCoordinator
-from .errors import (
+from ..coordinator import Loader, ReseedCoordinator
+from ..errors import (
     ConfigurationError,
     CorruptCounterError,
     InvalidKeyError,
     MissingRowError,
     ReseedError,
+    SourceError,
 )
-from .values import parse_stored
+from ..values import parse_stored
+from .guard import SCOPES, EntityId, Scope, parse_spend_key
 
 Status = Literal["inflated", "low", "no_ttl", "garbage", "missing_row", "healthy"]
 STATUSES: tuple[Status, ...] = get_args(Status)
@@ -282,7 +281,7 @@ class Doctor:
             async with self._db_lock:
                 rows = await self.db.fetch(sql, *columns)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            raise CommandError(
+            raise SourceError(
                 f"the query for scope {scope!r} failed: {type(exc).__name__}: {exc}\n"
                 f"  query: {sql}\n  give the right one with --query '{scope}=SELECT id, "
                 "value FROM ... WHERE id = ANY($1)'"
@@ -370,224 +369,3 @@ class Doctor:
 
 def _glob_escape(text: str) -> str:
     return re.sub(r"([*?\[\]\\])", r"\\\1", text)
-
-
-# -- command line ------------------------------------------------------------------
-
-
-def _scope_query(text: str) -> tuple[str, str]:
-    scope, equals, sql = text.partition("=")
-    if not (scope and equals and sql.strip()):
-        raise argparse.ArgumentTypeError(f"expected SCOPE=SQL, got {text!r}")
-    if scope not in SCOPES:
-        raise argparse.ArgumentTypeError(f"unknown scope {scope!r}; scopes are {SCOPES}")
-    return scope, sql
-
-
-def _fraction(text: str) -> float:
-    value = non_negative(text)
-    if value >= 0.5:
-        raise argparse.ArgumentTypeError(f"expected a tolerance below 0.5, got {text}")
-    return value
-
-
-def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    parser = commands.add_parser(
-        "doctor",
-        help="find spend counters that disagree with the database (and --fix them)",
-        description=(
-            "Scan the counters <namespace>:spend:<scope>:<id> (SCAN, batched), compare each "
-            "with its database value and report the inflated (an integer multiple >= 2x), "
-            "low, TTL-less, non-numeric ones, and those without a row. Exit status: 0 "
-            "nothing flagged (or everything fixed), 1 counters flagged, 2 setup error."
-        ),
-    )
-    parser.add_argument("--redis-url", required=True, help="the counter store")
-    parser.add_argument("--pg-dsn", required=True, help="PostgreSQL DSN of the spend tables")
-    parser.add_argument(
-        "--namespace", default="litellm", help="counter key prefix (default litellm)"
-    )
-    parser.add_argument(
-        "--query",
-        type=_scope_query,
-        action="append",
-        default=[],
-        metavar="SCOPE=SQL",
-        help=(
-            "the batch query of one scope: $1 is a text[] of ids (team_member: $1 teams, $2 "
-            "users), rows are the id column(s) then the value. Repeat for each scope; only "
-            "the scopes given are checked. Default: the shipped schema (budget_entity, "
-            "team_member), every scope."
-        ),
-    )
-    parser.add_argument(
-        "--tolerance",
-        type=_fraction,
-        default=DEFAULT_TOLERANCE,
-        help=f"relative slack of every comparison (default {DEFAULT_TOLERANCE})",
-    )
-    parser.add_argument(
-        "--batch",
-        type=positive_int,
-        default=DEFAULT_BATCH,
-        help=f"counters per round trip and per DB query (default {DEFAULT_BATCH})",
-    )
-    parser.add_argument("--all", action="store_true", help="list healthy counters too")
-    parser.add_argument("--json", action="store_true", help="print one JSON document")
-    parser.add_argument(
-        "--fix",
-        action="store_true",
-        help="rebuild inflated, low, TTL-less and garbage counters that have a row "
-        "(fenced reset, then one DB read each)",
-    )
-    parser.add_argument("--yes", action="store_true", help="fix without asking")
-    parser.add_argument(
-        "--lock-url",
-        action="append",
-        default=[],
-        metavar="URL",
-        help="a Redlock master of the deployment, for --fix; repeat for each (default: the "
-        "counter store alone)",
-    )
-    parser.add_argument(
-        "--ttl",
-        type=positive_int,
-        default=60,
-        help="expiry of the rebuilt counters, seconds (default 60, LiteLLM's)",
-    )
-    parser.set_defaults(run=_doctor)
-
-
-def _doctor(args: argparse.Namespace) -> int:
-    if args.fix and not args.yes and not sys.stdin.isatty():
-        raise CommandError("--fix needs --yes when stdin is not a terminal (no one to ask)")
-    return asyncio.run(_run(args))
-
-
-async def _run(args: argparse.Namespace) -> int:
-    store = Redis.from_url(args.redis_url, socket_timeout=10.0, socket_connect_timeout=5.0)
-    try:
-        try:
-            await store.ping()
-        except RedisError as exc:
-            raise CommandError(
-                f"cannot reach the counter store at {args.redis_url}: {exc}"
-            ) from exc
-        try:
-            db = await asyncpg.connect(args.pg_dsn, timeout=10.0)
-        except Exception as exc:
-            raise CommandError(f"cannot connect to PostgreSQL at {args.pg_dsn}: {exc}") from exc
-        try:
-            return await _examine_and_fix(args, store, db)
-        finally:
-            await db.close()
-    finally:
-        await store.aclose()
-
-
-async def _examine_and_fix(args: argparse.Namespace, store: Redis, db: Any) -> int:
-    doctor = Doctor(
-        store,
-        db,
-        namespace=args.namespace,
-        queries=dict(args.query) if args.query else None,
-        tolerance=args.tolerance,
-        batch=args.batch,
-    )
-    meter = _ProgressLine() if sys.stderr.isatty() else None
-    try:
-        report = await doctor.scan(include_healthy=args.all, progress=meter)
-    finally:
-        if meter is not None:
-            meter.finish()
-    fixable = [finding for finding in report.findings if finding.fixable]
-    if not args.json:
-        print(format_report(report))
-    if args.fix and fixable and (args.yes or _confirm(len(fixable))):
-        async with ReseedCoordinator.from_urls(
-            args.redis_url, lock_urls=args.lock_url, ttl=float(args.ttl)
-        ) as coordinator:
-            await doctor.fix(fixable, coordinator)
-        if not args.json:
-            print(format_fixes(fixable))
-            print(report.summary_line())
-    if args.json:
-        print_json(report.as_dict())
-    unresolved = [f for f in report.flagged if f.fixed is None]
-    return 1 if unresolved else 0
-
-
-def _confirm(count: int) -> bool:
-    sys.stderr.write(
-        f"Rebuild {count} counter{'s' if count != 1 else ''} from the database "
-        "(fenced reset, then one DB read each)? [y/N] "
-    )
-    sys.stderr.flush()
-    return sys.stdin.readline().strip().lower() in ("y", "yes")
-
-
-class _ProgressLine:
-    """One self-overwriting line on a terminal's stderr."""
-
-    def __init__(self) -> None:
-        self._shown = False
-
-    def __call__(self, scanned: int, flagged: int) -> None:
-        sys.stderr.write(f"\rdoctor: scanned {scanned:,} counters, {flagged:,} flagged")
-        sys.stderr.flush()
-        self._shown = True
-
-    def finish(self) -> None:
-        if self._shown:
-            sys.stderr.write("\n")
-
-
-def _number(value: float | None) -> str:
-    return "-" if value is None else f"{value:.15g}"
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    widths = [max(len(row[column]) for row in (header, *rows)) for column in range(len(header))]
-    return [
-        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-        for row in (header, *rows)
-    ]
-
-
-def _note(finding: Finding) -> str:
-    if finding.status == "inflated" and finding.ratio is not None:
-        return f"{finding.ratio:g}x the DB value"
-    if finding.status == "low" and finding.db is not None and finding.counter is not None:
-        return f"{_number(finding.db - finding.counter)} of spend missing"
-    if not finding.fixable and finding.status != "healthy":
-        return "no DB row: not fixable"
-    return ""
-
-
-def format_report(report: Report) -> str:
-    """The findings as a table, then the summary line."""
-    rows = [
-        (
-            finding.status,
-            finding.key,
-            _number(finding.counter) if finding.raw is None else repr(finding.raw),
-            _number(finding.db),
-            "none" if finding.ttl is None else f"{finding.ttl:.0f}s",
-            _note(finding),
-        )
-        for finding in report.findings
-    ]
-    lines = _table(("status", "key", "counter", "db", "ttl", "note"), rows) if rows else []
-    return "\n".join([*lines, report.summary_line()])
-
-
-def format_fixes(findings: Sequence[Finding]) -> str:
-    rows = [
-        (
-            finding.key,
-            _number(finding.fixed) if finding.fix_error is None else f"failed: {finding.fix_error}",
-        )
-        for finding in findings
-    ]
-    return "\n".join(_table(("fixed key", "counter now"), rows))
-

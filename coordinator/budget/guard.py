@@ -1,7 +1,7 @@
 """Budget enforcement on spend counters: the read an LLM proxy makes on every request.
 
 Counters live at ``<namespace>:spend:<scope>:<id>`` and are rebuilt from a spend source
-(PostgreSQL, see :mod:`coordinator.spend_source`) through a :class:`ReseedCoordinator`, so a
+(PostgreSQL, see :mod:`coordinator.budget.spend_source`) through a :class:`ReseedCoordinator`, so a
 cold counter costs one DB read fleet-wide and never comes back inflated.
 
 Ids are percent-encoded: everything outside ``A-Z a-z 0-9 - . _ ~ @ +`` becomes ``%XX`` (of
@@ -35,8 +35,8 @@ from urllib.parse import quote, unquote
 
 from redis.exceptions import RedisError, ResponseError
 
-from .coordinator import Loader, ReseedCoordinator
-from .errors import (
+from ..coordinator import Loader, ReseedCoordinator
+from ..errors import (
     ConfigurationError,
     CorruptCounterError,
     InvalidKeyError,
@@ -46,10 +46,10 @@ from .errors import (
     StoreError,
     WrongTypeError,
 )
-from .keys import fence_key, validate_key
-from .singleflight import SingleFlight
-from .store import LUA_COUNTER_GRAMMAR
-from .values import check_amount, format_value, ms_text, parse_stored, positive_seconds
+from ..keys import fence_key, validate_key
+from ..singleflight import SingleFlight
+from ..store import LUA_COUNTER_GRAMMAR
+from ..values import check_amount, format_value, ms_text, parse_stored, positive_seconds
 
 log = logging.getLogger(__name__)
 

@@ -33,12 +33,12 @@ from typing import Any
 import asyncpg
 from redis.asyncio import Redis
 
-from .bench_micro import MicroPlan, alternating, hot_path, lock_cost
-from .bench_pool import PodPool, Round, Variant
-from .bench_report import format_table, plot, seed_wakeup, targets
-from .cliargs import CommandError, add_server_flags, non_negative, positive_int, print_json
-from .embedded import RedisServer
-from .race import PodReport, Servers, percentile, started_servers
+from ..cliargs import CommandError, add_server_flags, non_negative, positive_int, print_json
+from ..embedded import RedisServer
+from ..race import PodReport, Servers, percentile, started_servers
+from .micro import MicroPlan, alternating, hot_path, lock_cost
+from .pool import PodPool, Round, Variant
+from .report import format_table, plot, seed_wakeup, targets
 
 VARIANTS = (
     Variant("naive", "naive"),

@@ -1,7 +1,7 @@
 """Spend in PostgreSQL, the source of truth behind :class:`~coordinator.budget.BudgetGuard`.
 
 :class:`PostgresSpendSource` reads one entity's spend per query (a loader for the
-coordinator) and, on the shipped schema (``coordinator/sql/budget_schema.sql``), records a
+coordinator) and, on the shipped schema (``coordinator/budget/sql/budget_schema.sql``), records a
 request's cost in one transaction, idempotent per request id.
 
 The default queries read with ``FOR SHARE``: a rebuild's read waits for a spend write in
@@ -21,11 +21,11 @@ from typing import Any
 
 import asyncpg
 
-from .budget import SCOPES, EntityId, EntityLike, Scope, as_entity, encode_entity_id
-from .coordinator import Loader
-from .errors import ConfigurationError, MissingRowError, SourceError
-from .sources import PostgresSource
-from .values import check_amount
+from ..coordinator import Loader
+from ..errors import ConfigurationError, MissingRowError, SourceError
+from ..sources import PostgresSource
+from ..values import check_amount
+from .guard import SCOPES, EntityId, EntityLike, Scope, as_entity, encode_entity_id
 
 OnLocked = Callable[[], Awaitable[object]]
 
@@ -71,7 +71,7 @@ _DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 def schema_sql() -> str:
     """The shipped schema (``CREATE TABLE IF NOT EXISTS``: safe to run again)."""
-    return resources.files("coordinator").joinpath("sql/budget_schema.sql").read_text("utf-8")
+    return resources.files(__package__).joinpath("sql/budget_schema.sql").read_text("utf-8")
 
 
 def _args(entity_id: EntityId) -> tuple[str, ...]:

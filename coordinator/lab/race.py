@@ -45,12 +45,12 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from ..coordinator import Loader, ReseedCoordinator
+from ..keys import fence_key
+from ..sources import PostgresSource
+from ..values import parse_stored
 from .cliargs import CommandError, add_server_flags, non_negative, positive_int, print_json
-from .coordinator import Loader, ReseedCoordinator
 from .embedded import EmbeddedServerError, EmbeddedServers, PostgresServer, RedisServer
-from .keys import fence_key
-from .sources import PostgresSource
-from .values import parse_stored
 
 Strategy = Literal["coordinated", "per-process", "naive"]
 STRATEGIES: tuple[Strategy, ...] = get_args(Strategy)

@@ -17,11 +17,11 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .coordinator import ReseedCoordinator
-from .embedded import RedisServer
-from .keys import fence_key
-from .lock import LeaseManager, QuorumUnavailable, lock_client
-from .race import Servers, percentile
+from ...coordinator import ReseedCoordinator
+from ...keys import fence_key
+from ...lock import LeaseManager, QuorumUnavailable, lock_client
+from ..embedded import RedisServer
+from ..race import Servers, percentile
 
 Call = Callable[[], Awaitable[object]]
 

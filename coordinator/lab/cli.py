@@ -10,7 +10,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from . import bench, chaos, doctor, proxy, race
+from . import chaos, doctor, proxy, race
+from .bench import command as bench
 from .cliargs import CommandError
 
 

@@ -16,11 +16,11 @@ from collections.abc import Callable
 from multiprocessing.queues import Queue
 from typing import Any
 
-from ..coordinator import Loader, ReseedCoordinator
-from ..errors import ReseedError
-from ..keys import fence_key
+from ...coordinator import Loader, ReseedCoordinator
+from ...errors import ReseedError
+from ...keys import fence_key
+from ...sources import PostgresSource
 from ..race import _describe
-from ..sources import PostgresSource
 from .common import HANG, QUERY, Op
 from .messages import (
     Loaded,

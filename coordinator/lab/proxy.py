@@ -28,17 +28,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .budget import BudgetGuard, EntityId, Scope
+from ..budget.guard import BudgetGuard, EntityId, Scope
+from ..budget.spend_source import PostgresSpendSource
+from ..coordinator import ReseedCoordinator
 from .cliargs import CommandError, add_server_flags, non_negative, positive_int
-from .coordinator import ReseedCoordinator
 from .embedded.process import file_size, free_port, read_since, spawn
 from .race import Servers, race_servers
-from .spend_source import PostgresSpendSource
 
 if TYPE_CHECKING:
     import httpx
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 APP = "proxy_pod.app:create_app"
 HOST = "127.0.0.1"
 ENV_PREFIX = "RESEED_PROXY_"
