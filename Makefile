@@ -19,12 +19,13 @@ demo: venv
 lint: venv
 	$(PY) -m ruff check .
 	$(PY) -m mypy --strict coordinator
+	$(VENV)/bin/lint-imports  # the import contracts in pyproject.toml
 
 test: lint
 	$(PY) -m pytest
 
 clean:
-	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .hypothesis .import_linter_cache
 
 .PHONY: bench
 bench: venv
