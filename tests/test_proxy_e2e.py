@@ -1,4 +1,4 @@
-"""End to end: three uvicorn proxy pods (examples/proxy_pod, each its own OS process with its
+"""End to end: three uvicorn proxy pods (coordinator.lab.proxy_app, each its own OS process with its
 own coordinator) on the session's servers, driven over HTTP by concurrent httpx clients.
 
 Every request costs COST (an exact binary fraction, so counters and DB spend compare

@@ -1,6 +1,6 @@
 """``python -m coordinator proxy --pods N``: a fleet of example LLM proxy pods enforcing budgets.
 
-Each pod is a uvicorn process running ``examples/proxy_pod`` (a Starlette app with its own
+Each pod is a uvicorn process running :mod:`coordinator.lab.proxy_app` (a Starlette app with its own
 coordinator, asyncpg pool and :class:`~coordinator.budget.BudgetGuard`) on a loopback
 port. They share one counter store, three lock masters and PostgreSQL: embedded ones unless
 ``--redis-url/--lock-url/--pg-dsn`` are given. The command installs the spend schema, seeds a
@@ -38,8 +38,7 @@ from .race import Servers, race_servers
 if TYPE_CHECKING:
     import httpx
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-APP = "proxy_pod.app:create_app"
+APP = "coordinator.lab.proxy_app:create_app"
 HOST = "127.0.0.1"
 ENV_PREFIX = "RESEED_PROXY_"
 START_TIMEOUT = 60.0  # import + connect of every pod on a busy 2-core machine
@@ -106,7 +105,6 @@ def _launch(name: str, env: Mapping[str, str], log: Path) -> tuple[Pod, int]:
     port = free_port(HOST)
     args = [
         sys.executable, "-m", "uvicorn", "--factory", APP,
-        "--app-dir", str(EXAMPLES),
         "--host", HOST, "--port", str(port),
         "--lifespan", "on", "--log-level", "warning", "--no-access-log",
         "--timeout-graceful-shutdown", str(int(STOP_GRACE)),
@@ -179,10 +177,8 @@ def pod_env(servers: Servers, settings: Mapping[str, str]) -> dict[str, str]:
 def run_pods(
     servers: Servers, count: int, settings: Mapping[str, str] | None = None
 ) -> Iterator[list[Pod]]:
-    """``count`` serving pods (``settings`` as in ``examples/proxy_pod`` ``Settings``, e.g.
-    ``{"DEBUG": "1"}``), stopped on exit. Their logs live in a temp dir removed on exit."""
-    if not (EXAMPLES / "proxy_pod" / "app.py").is_file():
-        raise ProxyError(f"the proxy example is not at {EXAMPLES} (it ships with the source tree)")
+    """``count`` serving pods (``settings`` as in :class:`coordinator.lab.proxy_app.Settings`,
+    e.g. ``{"DEBUG": "1"}``), stopped on exit. Their logs live in a temp dir removed on exit."""
     missing = [name for name in PROXY_MODULES if importlib.util.find_spec(name) is None]
     if missing:
         raise ProxyError(f"{', '.join(missing)} missing: pip install 'reseed-coordinator[proxy]'")
@@ -272,7 +268,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "proxy",
         help="run N example LLM proxy pods (uvicorn) enforcing budgets; Ctrl-C stops them",
         description=(
-            "Start N uvicorn processes of examples/proxy_pod on loopback ports, sharing one "
+            "Start N uvicorn processes of coordinator.lab.proxy_app on loopback ports, sharing one "
             "counter store, three lock masters and PostgreSQL (embedded unless given), seed a "
             "demo API key with a budget, print the URLs and a curl to try, and run until Ctrl-C."
         ),

@@ -3,7 +3,7 @@
 Run several of them with ``python -m coordinator proxy --pods N``, or one by hand::
 
     RESEED_PROXY_REDIS_URL=redis://127.0.0.1:6379 RESEED_PROXY_PG_DSN=postgresql://... \\
-        uvicorn --factory proxy_pod.app:create_app --app-dir examples --port 4000
+        uvicorn --factory coordinator.lab.proxy_app:create_app --port 4000
 
 ``POST /v1/chat/completions`` (OpenAI shape, bearer API key):
 
@@ -43,8 +43,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from coordinator import ReseedCoordinator, ReseedError
-from coordinator.budget import (
+from .. import ReseedCoordinator, ReseedError
+from ..budget import (
     BudgetExceededError,
     BudgetGuard,
     BudgetUnavailableError,
@@ -54,15 +54,14 @@ from coordinator.budget import (
     Overage,
     as_entity,
 )
-from coordinator.budget.spend_source import PostgresSpendSource
-from coordinator.errors import MissingRowError
-from coordinator.lab.proxy import hash_api_key
+from ..budget.spend_source import PostgresSpendSource
+from ..errors import MissingRowError
+from .proxy import ENV_PREFIX, hash_api_key
 
-log = logging.getLogger("proxy_pod")
+log = logging.getLogger(__name__)
 
 DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
-ENV = "RESEED_PROXY_"
 AUTH_CACHE_SECONDS = 5.0
 
 # Budgets of the key and everything it belongs to, in one query.
@@ -103,14 +102,14 @@ class Settings:
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Settings:
         def get(name: str, default: str = "") -> str:
-            return env.get(ENV + name, default)
+            return env.get(ENV_PREFIX + name, default)
 
         missing = [name for name in ("REDIS_URL", "PG_DSN") if not get(name)]
         if missing:
-            raise RuntimeError(f"set {', '.join(ENV + name for name in missing)}")
+            raise RuntimeError(f"set {', '.join(ENV_PREFIX + name for name in missing)}")
         policy = get("OUTAGE_POLICY", "read-through")
         if policy not in ("fail-closed", "fail-open", "read-through"):
-            raise RuntimeError(f"{ENV}OUTAGE_POLICY: unknown policy {policy!r}")
+            raise RuntimeError(f"{ENV_PREFIX}OUTAGE_POLICY: unknown policy {policy!r}")
         return cls(
             redis_url=get("REDIS_URL"),
             pg_dsn=get("PG_DSN"),

@@ -1,1 +1,0 @@
-"""An LLM proxy pod enforcing budgets with BudgetGuard (see ``app.py``)."""
