@@ -1,4 +1,4 @@
-"""The fault table (DESIGN.md section 4), one test per row, on real servers and pods.
+"""The fault table (docs/design.md, Faults), one test per row, on real servers and pods.
 
 Each test runs the same scenario as ``python -m coordinator chaos`` (``coordinator.lab.chaos``)
 and asserts on the row it returns. Every scenario has already checked that every call of

@@ -1,4 +1,4 @@
-"""The fault table of DESIGN.md section 4, as runnable scenarios: ``python -m coordinator chaos``.
+"""The fault table (docs/design.md, Faults) as scenarios: ``python -m coordinator chaos``.
 
 Every scenario drives *pods*: spawned OS processes, each with its own coordinators, Redis
 clients and a :class:`~coordinator.sources.PostgresSource` pool reading a real PostgreSQL row

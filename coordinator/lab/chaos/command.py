@@ -12,7 +12,7 @@ from .table import SCENARIOS, format_table, run_table
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = commands.add_parser(
         "chaos",
-        help="run the fault table (DESIGN section 4) against real servers and pods",
+        help="run the fault table (docs/design.md, Faults) against real servers and pods",
         description=(
             "Inject each fault of the survival table into real redis-server and PostgreSQL "
             "processes while pods (spawned processes, each with its own coordinator) read and "
