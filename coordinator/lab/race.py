@@ -51,6 +51,7 @@ from ..sources import PostgresSource
 from ..values import parse_stored
 from .cliargs import CommandError, add_server_flags, non_negative, positive_int, print_json
 from .embedded import EmbeddedServerError, EmbeddedServers, PostgresServer, RedisServer
+from .table import format_table, number
 
 Strategy = Literal["coordinated", "per-process", "naive"]
 STRATEGIES: tuple[Strategy, ...] = get_args(Strategy)
@@ -655,11 +656,7 @@ def started_servers(
         running.close()
 
 
-def _number(value: float | None) -> str:
-    return "-" if value is None else f"{value:.15g}"
-
-
-def format_table(results: Sequence[RaceResult]) -> str:
+def format_results(results: Sequence[RaceResult]) -> str:
     """The results side by side, one strategy per row."""
     header = (
         "strategy",
@@ -677,27 +674,18 @@ def format_table(results: Sequence[RaceResult]) -> str:
         (
             result.strategy,
             f"{result.pods} x {result.callers}",
-            _number(result.db_value),
-            _number(result.final_counter),
-            _number(None if result.inflation is None else round(result.inflation, 3)),
+            number(result.db_value),
+            number(result.final_counter),
+            number(None if result.inflation is None else round(result.inflation, 3)),
             str(result.db_reads),
-            f"{_number(result.min_returned)}..{_number(result.max_returned)}",
-            _number(result.p50_ms),
-            _number(result.p99_ms),
+            f"{number(result.min_returned)}..{number(result.max_returned)}",
+            number(result.p50_ms),
+            number(result.p99_ms),
             str(result.errors),
         )
         for result in results
     ]
-    widths = [max(len(row[column]) for row in (header, *rows)) for column in range(len(header))]
-    numeric = range(2, len(header))
-    lines = [
-        "  ".join(
-            cell.rjust(width) if column in numeric else cell.ljust(width)
-            for column, (cell, width) in enumerate(zip(row, widths, strict=True))
-        ).rstrip()
-        for row in (header, *rows)
-    ]
-    lines.insert(1, "  ".join("-" * width for width in widths))
+    table = format_table(header, rows, right=range(2, len(header)))
     delay = ", ".join(f"{ms:g}" for ms in sorted({result.db_delay_ms for result in results}))
     lag = max(result.start_lag_ms for result in results)
     notes = [
@@ -713,7 +701,7 @@ def format_table(results: Sequence[RaceResult]) -> str:
     notes += [
         f"{result.strategy} errors: {result.error_types}" for result in results if result.errors
     ]
-    return "\n".join([*lines, "", *notes])
+    return "\n".join([table, "", *notes])
 
 
 # -- command line ------------------------------------------------------------------
@@ -761,9 +749,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 
 def _race(args: argparse.Namespace) -> int:
-    strategies: list[Strategy] = (
-        list(STRATEGIES) if args.strategy == "all" else [args.strategy]
-    )
+    strategies: list[Strategy] = list(STRATEGIES) if args.strategy == "all" else [args.strategy]
     with race_servers(args.redis_url, args.lock_url, args.pg_dsn) as servers:
         results = [
             run_race(
@@ -780,5 +766,5 @@ def _race(args: argparse.Namespace) -> int:
         documents = [result.as_dict() for result in results]
         print_json(documents if args.strategy == "all" else documents[0])
     else:
-        print(format_table(results))
+        print(format_results(results))
     return 0

@@ -25,7 +25,7 @@ from .fleet import Fleet, Pod, Ticket
 from .harness import ChaosEnv, Database, chaos_env
 from .messages import Loaded, Outcome, Profile, Report, Work
 from .reports import errors, loads, max_wait, outcomes, stat, values
-from .table import SCENARIOS, Lab, Row, Run, Scenario, format_table, run_table, scenario
+from .table import SCENARIOS, Lab, Row, Run, Scenario, format_rows, run_table, scenario
 from .tcp_proxy import TcpProxy
 
 # isort: off
@@ -65,7 +65,7 @@ __all__ = [
     "Work",
     "chaos_env",
     "errors",
-    "format_table",
+    "format_rows",
     "loads",
     "max_wait",
     "outcomes",

@@ -6,7 +6,7 @@ import argparse
 
 from ..cliargs import add_server_flags, print_json
 from .harness import chaos_env
-from .table import SCENARIOS, format_table, run_table
+from .table import SCENARIOS, format_rows, run_table
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -40,5 +40,5 @@ def _chaos(args: argparse.Namespace) -> int:
     if args.json:
         print_json([row.as_dict() for row in rows])
     else:
-        print(format_table(rows))
+        print(format_rows(rows))
     return 1 if any(row.status == "FAIL" for row in rows) else 0

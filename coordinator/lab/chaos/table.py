@@ -4,7 +4,6 @@ scenarios, and running and printing them."""
 from __future__ import annotations
 
 import contextlib
-import textwrap
 import time
 import uuid
 from collections import Counter
@@ -16,11 +15,12 @@ import asyncpg
 from redis.exceptions import RedisError
 
 from ..race import _describe
+from ..table import format_table, number
 from .common import HANG, SLACK, ChaosError, Need, Status
 from .fleet import Fleet, Pod
 from .harness import ChaosEnv, Database
 from .messages import Profile, Report, Work
-from .reports import loads, max_wait, num, outcomes, stat, values
+from .reports import loads, max_wait, outcomes, stat, values
 
 
 @dataclass
@@ -270,33 +270,22 @@ _COLUMNS = (
 )
 
 
-def format_table(rows: Sequence[Row]) -> str:
+def format_rows(rows: Sequence[Row]) -> str:
     """The rows as a text table, text cells wrapped to fixed widths."""
-
-    lines = ["  ".join(name.ljust(width) for name, width in _COLUMNS).rstrip()]
-    lines.append("  ".join("-" * width for _, width in _COLUMNS))
-    for row in rows:
-        cells = (
+    cells = [
+        (
             row.fault,
             row.expected,
             row.observed,
-            num(row.db_reads),
-            num(row.fenced_writes),
-            num(row.max_wait),
+            number(row.db_reads),
+            number(row.fenced_writes),
+            number(row.max_wait),
             row.status,
         )
-        wrapped = [
-            textwrap.wrap(cell, width) or [""]
-            for cell, (_, width) in zip(cells, _COLUMNS, strict=True)
-        ]
-        for line in range(max(len(cell) for cell in wrapped)):
-            lines.append(
-                "  ".join(
-                    (cell[line] if line < len(cell) else "").ljust(width)
-                    for cell, (_, width) in zip(wrapped, _COLUMNS, strict=True)
-                ).rstrip()
-            )
-        lines.append("")
+        for row in rows
+    ]
+    header, widths = zip(*_COLUMNS, strict=True)
+    table = format_table(header, cells, widths=widths, spaced=True)
     counts = Counter(row.status for row in rows)
-    lines.append(", ".join(f"{counts[s]} {s}" for s in ("pass", "FAIL", "skip") if counts[s]))
-    return "\n".join(lines)
+    summary = ", ".join(f"{counts[s]} {s}" for s in ("pass", "FAIL", "skip") if counts[s])
+    return "\n\n".join([table, summary]) if rows else "\n".join([table, summary])
