@@ -35,7 +35,8 @@ from redis.asyncio import Redis
 
 from ..cliargs import CommandError, add_server_flags, non_negative, positive_int, print_json
 from ..embedded import RedisServer
-from ..race import PodReport, Servers, percentile, started_servers
+from ..race import PodReport, percentile
+from ..servers import Servers, started_servers
 from .micro import MicroPlan, alternating, hot_path, lock_cost
 from .pool import PodPool, Round, Variant
 from .report import format_report, plot, seed_wakeup, targets

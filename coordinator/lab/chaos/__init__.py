@@ -20,9 +20,9 @@ was not given; the others are reported as skipped ("needs embedded ...").
 """
 
 from .command import register
-from .common import HANG, LEASE, QUERY, SLACK, TABLE, ChaosError, Need, Op, Status
+from .common import HANG, LEASE, QUERY, SLACK, TABLE, ChaosError, Op, Status
+from .database import Database
 from .fleet import Fleet, Pod, Ticket
-from .harness import ChaosEnv, Database, chaos_env
 from .messages import Loaded, Outcome, Profile, Report, Work
 from .reports import errors, loads, max_wait, outcomes, stat, values
 from .table import SCENARIOS, Lab, Row, Run, Scenario, format_rows, run_table, scenario
@@ -44,13 +44,11 @@ __all__ = [
     "SCENARIOS",
     "SLACK",
     "TABLE",
-    "ChaosEnv",
     "ChaosError",
     "Database",
     "Fleet",
     "Lab",
     "Loaded",
-    "Need",
     "Op",
     "Outcome",
     "Pod",
@@ -63,7 +61,6 @@ __all__ = [
     "TcpProxy",
     "Ticket",
     "Work",
-    "chaos_env",
     "errors",
     "format_rows",
     "loads",

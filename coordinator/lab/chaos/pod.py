@@ -20,7 +20,7 @@ from ...coordinator import Loader, ReseedCoordinator
 from ...errors import ReseedError
 from ...keys import fence_key
 from ...sources import PostgresSource
-from ..race import _describe
+from ..cliargs import describe
 from .common import HANG, QUERY, Op
 from .messages import (
     Loaded,
@@ -52,7 +52,7 @@ def pod_main(name: str, dsn: str, commands: Queue[Any], events: Queue[Any]) -> N
     try:
         asyncio.run(_Pod(name, dsn, commands, events).serve())
     except BaseException as exc:
-        events.put(_Failed(name, _describe(exc)))
+        events.put(_Failed(name, describe(exc)))
 
 
 class _Pod:
@@ -132,7 +132,7 @@ class _Pod:
         try:
             await self._coordinator(command.profile)
         except Exception as exc:
-            self.events.put(_Failed(self.name, f"prepare: {_describe(exc)}"))
+            self.events.put(_Failed(self.name, f"prepare: {describe(exc)}"))
             return
         self.events.put(_Prepared(command.ticket))
 
@@ -145,7 +145,7 @@ class _Pod:
         try:
             coordinator = await self._coordinator(work.profile)
         except Exception as exc:
-            self.events.put(_Failed(self.name, f"run: {_describe(exc)}"))
+            self.events.put(_Failed(self.name, f"run: {describe(exc)}"))
             return
         loads: Counter[str] = Counter()
         before = coordinator.stats.as_dict()

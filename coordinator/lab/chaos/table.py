@@ -14,11 +14,12 @@ from typing import Any
 import asyncpg
 from redis.exceptions import RedisError
 
-from ..race import _describe
+from ..cliargs import describe
+from ..servers import Deployment, Need, unreachable
 from ..table import format_table, number
-from .common import HANG, SLACK, ChaosError, Need, Status
+from .common import HANG, SLACK, ChaosError, Status
+from .database import Database
 from .fleet import Fleet, Pod
-from .harness import ChaosEnv, Database
 from .messages import Profile, Report, Work
 from .reports import loads, max_wait, outcomes, stat, values
 
@@ -49,10 +50,14 @@ class Row:
 
 
 class Run:
-    """What a scenario works with: servers, pods, the DB, and its row to fill in."""
+    """What a scenario works with: servers, pods, the DB, and its row to fill in. Its keys
+    and rows are named under ``namespace``."""
 
-    def __init__(self, env: ChaosEnv, fleet: Fleet, db: Database, row: Row) -> None:
+    def __init__(
+        self, env: Deployment, fleet: Fleet, db: Database, row: Row, namespace: str
+    ) -> None:
         self.env = env
+        self.namespace = namespace
         self.fleet = fleet
         self.db = db
         self.row = row
@@ -61,7 +66,7 @@ class Run:
     def key(self, value: float | None = None) -> str:
         """A fresh counter key of this run, and its DB row holding ``value``."""
         self._keys += 1
-        key = f"{self.env.namespace}:{self.row.name}:{self._keys}:{uuid.uuid4().hex[:6]}"
+        key = f"{self.namespace}:{self.row.name}:{self._keys}:{uuid.uuid4().hex[:6]}"
         if value is not None:
             self.db.put(key, value)
         return key
@@ -185,8 +190,9 @@ class Lab:
     the tests both run them through here. Closing it stops the pods and removes the keys
     and rows of the run."""
 
-    def __init__(self, env: ChaosEnv) -> None:
+    def __init__(self, env: Deployment) -> None:
         self.env = env
+        self.namespace = f"chaos:{uuid.uuid4().hex[:10]}"  # every key and row of the run
         self.db = Database(env.servers.pg_dsn)
         _check_reachable(env, self.db)
         self.fleet = Fleet(env.servers.pg_dsn)
@@ -204,7 +210,7 @@ class Lab:
         try:
             spec.fn(self.trial(row))
         except Exception as exc:
-            row.failures.append(f"scenario failed: {_describe(exc)}")
+            row.failures.append(f"scenario failed: {describe(exc)}")
         finally:
             self.env.restore()
             row.seconds = round(time.monotonic() - started, 2)
@@ -218,7 +224,11 @@ class Lab:
     def trial(self, row: Row | str) -> Run:
         """A :class:`Run` for work outside the table (the contention tests)."""
         return Run(
-            self.env, self.fleet, self.db, Row(row, row, "") if isinstance(row, str) else row
+            self.env,
+            self.fleet,
+            self.db,
+            Row(row, row, "") if isinstance(row, str) else row,
+            self.namespace,
         )
 
     def close(self) -> None:
@@ -226,8 +236,8 @@ class Lab:
             self.fleet.close()
         finally:
             with contextlib.suppress(RedisError, OSError, asyncpg.PostgresError):
-                self.env.cleanup()
-                self.db.cleanup(self.env.namespace)
+                self.env.remove(self.namespace)
+                self.db.cleanup(self.namespace)
 
     def __enter__(self) -> Lab:
         return self
@@ -236,27 +246,20 @@ class Lab:
         self.close()
 
 
-def run_table(env: ChaosEnv, names: Sequence[str] | None = None) -> list[Row]:
+def run_table(env: Deployment, names: Sequence[str] | None = None) -> list[Row]:
     """Every scenario (or those named) on ``env``, in table order."""
     with Lab(env) as lab:
         return [lab.run(name) for name in names or list(SCENARIOS)]
 
 
-def _check_reachable(env: ChaosEnv, db: Database) -> None:
+def _check_reachable(env: Deployment, db: Database) -> None:
     try:
         db.setup()
     except Exception as exc:
-        raise ChaosError(
-            f"cannot use PostgreSQL at {env.servers.pg_dsn}: {_describe(exc)}"
-        ) from exc
-    for role, url in [("counter store", env.servers.redis_url)] + [
-        ("lock master", url) for url in env.servers.lock_urls
-    ]:
-        try:
-            with env.client(url) as client:
-                client.ping()
-        except RedisError as exc:
-            raise ChaosError(f"cannot reach the {role} at {url}: {_describe(exc)}") from exc
+        raise ChaosError(f"cannot use PostgreSQL at {env.servers.pg_dsn}: {describe(exc)}") from exc
+    problem = unreachable(env.servers)
+    if problem is not None:
+        raise ChaosError(problem)
 
 
 _COLUMNS = (
