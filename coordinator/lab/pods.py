@@ -51,7 +51,7 @@ __all__ = [
 _CONTEXT = multiprocessing.get_context("spawn")
 SETUP_TIMEOUT = 60.0  # spawn + import + connect + warm-up of every pod, on a busy machine
 EXIT_GRACE = 1.0  # a pod that exited has flushed its last message: give the pipe a moment
-POLL = 0.005  # between sweeps of the pods' queues while none has anything
+POLL = 0.02  # how long a sweep of the pods' queues that found nothing waits on one
 
 E = TypeVar("E")
 Workload = Callable[..., Coroutine[Any, Any, None]]
@@ -248,8 +248,8 @@ class Pod:
             if message is not _NOTHING:
                 self._early.append(message)
 
-    def _next(self) -> Any:
-        return self._early.pop(0) if self._early else self._take(0.0)
+    def _next(self, timeout: float) -> Any:
+        return self._early.pop(0) if self._early else self._take(timeout)
 
     def _take(self, timeout: float) -> Any:
         """The pod's next message from its queue within ``timeout``, :data:`_NOTHING`, or a
@@ -354,11 +354,13 @@ class Fleet:
         deadline = time.monotonic() + timeout
         got: dict[int, Any] = {}
         while len(got) < len(pods):
-            idle = True
-            for index, pod in enumerate(pods):
-                if index in got or (message := pod._next()) is _NOTHING:
+            pending = [index for index in range(len(pods)) if index not in got]
+            # The queues cannot be waited on together: block on one for a moment at most.
+            waits = [POLL] + [0.0] * (len(pending) - 1)
+            for index, wait in zip(pending, waits, strict=True):
+                message = pods[index]._next(wait)
+                if message is _NOTHING:
                     continue
-                idle = False
                 got[index] = message
                 if isinstance(message, Failed):
                     self._abort_start_lines()
@@ -366,8 +368,6 @@ class Fleet:
                 for index, pod in enumerate(pods):
                     got.setdefault(index, Failed(pod.name, "pod did not finish in time"))
                 self._abort_start_lines()
-            elif idle:
-                time.sleep(POLL)
         return [got[index] for index in range(len(pods))]
 
     def answers(self, pods: Sequence[Pod], timeout: float) -> list[Any]:

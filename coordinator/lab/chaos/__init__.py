@@ -22,7 +22,7 @@ was not given; the others are reported as skipped ("needs embedded ...").
 from .command import register
 from .common import HANG, LEASE, QUERY, SLACK, TABLE, ChaosError, Op, Status
 from .database import Database
-from .fleet import Fleet, Pod, Ticket
+from .fleet import Fleet, Ticket
 from .messages import Loaded, Outcome, Profile, Report, Work
 from .reports import errors, loads, max_wait, outcomes, stat, values
 from .table import SCENARIOS, Lab, Row, Run, Scenario, format_rows, run_table, scenario
@@ -51,7 +51,6 @@ __all__ = [
     "Loaded",
     "Op",
     "Outcome",
-    "Pod",
     "Profile",
     "Report",
     "Row",

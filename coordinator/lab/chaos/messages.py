@@ -1,4 +1,4 @@
-"""What the parent asks of a pod, and what a pod answers (pickled through queues)."""
+"""What the parent asks of a chaos pod, and what it answers (pickled through queues)."""
 
 from __future__ import annotations
 
@@ -73,16 +73,6 @@ class _Stats:
 
 
 @dataclass(frozen=True)
-class _Stop:
-    pass
-
-
-@dataclass(frozen=True)
-class _Ready:
-    pod: str
-
-
-@dataclass(frozen=True)
 class _Prepared:
     ticket: int
 
@@ -132,9 +122,3 @@ class Report:
 class _Done:
     ticket: int
     report: Report
-
-
-@dataclass(frozen=True)
-class _Failed:
-    pod: str
-    error: str

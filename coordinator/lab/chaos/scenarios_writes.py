@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import time
 
+from ..pods import Pod
 from ..table import number
 from .common import LEASE, SLACK
-from .fleet import Pod, Ticket
+from .fleet import Ticket
 from .messages import Profile
 from .reports import errors, loads, max_wait, values
 from .table import Run, scenario

@@ -15,11 +15,12 @@ import asyncpg
 from redis.exceptions import RedisError
 
 from ..cliargs import describe
+from ..pods import Pod
 from ..servers import Deployment, Need, unreachable
 from ..table import format_table, number
 from .common import HANG, SLACK, ChaosError, Status
 from .database import Database
-from .fleet import Fleet, Pod
+from .fleet import Fleet
 from .messages import Profile, Report, Work
 from .reports import loads, max_wait, outcomes, stat, values
 
