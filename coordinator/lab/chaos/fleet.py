@@ -12,17 +12,17 @@ from .. import pods
 from ..pods import Pod, start_at
 from .common import SLACK, ChaosError
 from .messages import (
+    AskStats,
+    Counters,
+    Done,
     Loaded,
+    Prepare,
+    Prepared,
     Profile,
+    Release,
     Report,
+    Start,
     Work,
-    _Counters,
-    _Done,
-    _Prepare,
-    _Prepared,
-    _Release,
-    _Run,
-    _Stats,
 )
 from .pod import chaos_pod
 
@@ -71,14 +71,14 @@ class Fleet:
         tickets = []
         for pod in pods:
             self._tickets += 1
-            pod.send(_Prepare(self._tickets, profile))
+            pod.send(Prepare(self._tickets, profile))
             tickets.append((pod, self._tickets))
         for pod, ticket in tickets:
-            pod.expect(_Prepared, READY_TIMEOUT, _for(ticket))
+            pod.expect(Prepared, READY_TIMEOUT, _for(ticket))
 
     def start(self, pod: Pod, work: Work) -> Ticket:
         self._tickets += 1
-        pod.send(_Run(self._tickets, work))
+        pod.send(Start(self._tickets, work))
         lead = 0.0 if work.start_at is None else max(0.0, work.start_at - time.time())
         return Ticket(pod, self._tickets, lead + work.duration + work.bound + SLACK)
 
@@ -92,13 +92,13 @@ class Fleet:
         return ticket.pod.expect(Loaded, timeout, _for(ticket.id))
 
     def release(self, ticket: Ticket) -> None:
-        ticket.pod.send(_Release(ticket.id))
+        ticket.pod.send(Release(ticket.id))
 
     def stats(self, pod: Pod, profile: Profile) -> dict[str, int]:
         """The pod's coordinator counters for ``profile``, now (its calls still running)."""
         self._tickets += 1
-        pod.send(_Stats(self._tickets, profile))
-        return pod.expect(_Counters, READY_TIMEOUT, _for(self._tickets)).stats
+        pod.send(AskStats(self._tickets, profile))
+        return pod.expect(Counters, READY_TIMEOUT, _for(self._tickets)).stats
 
     def until(self, pod: Pod, profile: Profile, name: str, count: int, timeout: float) -> None:
         """Wait until the pod's counter ``name`` for ``profile`` reaches ``count``."""
@@ -110,7 +110,7 @@ class Fleet:
 
     def finish(self, tickets: Sequence[Ticket]) -> list[Report]:
         return [
-            ticket.pod.expect(_Done, ticket.timeout, _for(ticket.id)).report for ticket in tickets
+            ticket.pod.expect(Done, ticket.timeout, _for(ticket.id)).report for ticket in tickets
         ]
 
     def close(self) -> None:

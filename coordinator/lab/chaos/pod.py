@@ -17,18 +17,18 @@ from ..cliargs import describe
 from ..pods import Failed, Link, sleep_until
 from .common import HANG, QUERY, Op
 from .messages import (
+    AskStats,
+    Counters,
+    Done,
     Loaded,
     Outcome,
+    Prepare,
+    Prepared,
     Profile,
+    Release,
     Report,
+    Start,
     Work,
-    _Counters,
-    _Done,
-    _Prepare,
-    _Prepared,
-    _Release,
-    _Run,
-    _Stats,
 )
 
 STALL_LIMIT = 60.0  # a stalled loader gives up by itself if the parent never releases it
@@ -57,13 +57,13 @@ class _Pod:
         try:
             self.link.ready()
             while (command := await self.link.next()) is not None:
-                if isinstance(command, _Prepare):
+                if isinstance(command, Prepare):
                     self._spawn(self._prepare(command))
-                elif isinstance(command, _Run):
+                elif isinstance(command, Start):
                     self._spawn(self._run(command))
-                elif isinstance(command, _Release):
+                elif isinstance(command, Release):
                     self._release(command.ticket).set()
-                elif isinstance(command, _Stats):
+                elif isinstance(command, AskStats):
                     self._spawn(self._stats(command))
         finally:
             for task in self.tasks:
@@ -101,19 +101,19 @@ class _Pod:
             await self.source.pool.fetchval("SELECT 1")
         return coordinator
 
-    async def _prepare(self, command: _Prepare) -> None:
+    async def _prepare(self, command: Prepare) -> None:
         try:
             await self._coordinator(command.profile)
         except Exception as exc:
             self.link.send(Failed(self.name, f"prepare: {describe(exc)}"))
             return
-        self.link.send(_Prepared(command.ticket))
+        self.link.send(Prepared(command.ticket))
 
-    async def _stats(self, command: _Stats) -> None:
+    async def _stats(self, command: AskStats) -> None:
         coordinator = await self._coordinator(command.profile)
-        self.link.send(_Counters(command.ticket, coordinator.stats.as_dict()))
+        self.link.send(Counters(command.ticket, coordinator.stats.as_dict()))
 
-    async def _run(self, command: _Run) -> None:
+    async def _run(self, command: Start) -> None:
         work = command.work
         try:
             coordinator = await self._coordinator(work.profile)
@@ -138,7 +138,7 @@ class _Pod:
             loads=dict(loads),
             stats={name: after[name] - before[name] for name in after},
         )
-        self.link.send(_Done(command.ticket, report))
+        self.link.send(Done(command.ticket, report))
 
     async def _caller(
         self,
