@@ -1,13 +1,12 @@
-"""Pods for the multi-process tests: each one an OS process (spawned, so nothing is shared
-with the parent but what is pickled) with its own coordinator, its own Redis and PostgreSQL
-clients, and ``callers`` concurrent callers of one counter.
+"""The workload of the multi-process tests' pods (spawned by :mod:`coordinator.lab.pods`):
+its own coordinator, its own Redis and PostgreSQL clients, and ``callers`` concurrent
+callers of one counter.
 
 Spawned children import this module by name through the ``sys.path`` they inherit from the
 parent, where pytest's default ``prepend`` import mode has put ``tests/``.
 
-A pod reports one dict per round on the results queue: the values its callers got (or the
-errors they raised), how often its loader ran, its stats for the round, and the slowest
-call. A pod that fails outside a call reports ``{"pod": name, "error": ...}`` instead.
+A pod sends one dict per round: the values its callers got (or the errors they raised),
+how often its loader ran, its stats for the round, and the slowest call.
 """
 
 from __future__ import annotations
@@ -15,11 +14,10 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
-from multiprocessing.queues import Queue
-from multiprocessing.synchronize import Barrier, Event
 from typing import Any, Literal
 
 from coordinator import ReseedCoordinator
+from coordinator.lab.pods import Barrier, Event, Link
 from coordinator.sources import PostgresSource
 from coordinator.stats import Stats
 
@@ -51,27 +49,18 @@ class PodSpec:
 
 @dataclass(frozen=True)
 class Links:
-    """The pod's ties to the parent. ``ready`` is passed once the pod is set up; ``gates[r]``
-    releases round r. The loader sets ``loading`` after its DB read and then, if ``proceed``
-    is given, holds the value until the parent sets it (a holder stalled mid-rebuild)."""
+    """The pod's gates. ``ready`` is passed once the pod is set up; ``gates[r]`` releases
+    round r. The loader sets ``loading`` after its DB read and then, if ``proceed`` is
+    given, holds the value until the parent sets it (a holder stalled mid-rebuild)."""
 
-    results: Queue[dict[str, Any]]
     ready: Barrier
     gates: tuple[Barrier, ...]
     loading: Event | None = None
     proceed: Event | None = None
 
 
-def run(spec: PodSpec, links: Links) -> None:
-    """Process entry point."""
-    try:
-        asyncio.run(_run(spec, links))
-    except BaseException as exc:
-        links.results.put({"pod": spec.name, "error": repr(exc)})
-        raise
-
-
-async def _run(spec: PodSpec, links: Links) -> None:
+async def run(link: Link, spec: PodSpec, links: Links) -> None:
+    """The pod's workload."""
     calls = 0
 
     async with (
@@ -107,7 +96,7 @@ async def _run(spec: PodSpec, links: Links) -> None:
                 *(call(op) for _ in range(spec.callers)), return_exceptions=True
             )
             done = [outcome for outcome in outcomes if isinstance(outcome, tuple)]
-            links.results.put(
+            link.send(
                 {
                     "pod": spec.name,
                     "round": round_no,

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from coordinator.lab.bench.command import VARIANTS
-from coordinator.lab.bench.report import format_table, plot
+from coordinator.lab.bench.report import format_report, plot
 from coordinator.lab.embedded import EmbeddedServers
 
 LATENCY = {"n", "p50_ms", "p99_ms"}
@@ -108,4 +108,4 @@ def test_without_matplotlib_no_plot_and_a_note(
     assert note is not None
     assert "matplotlib is not installed" in note
     assert not (tmp_path / "bench.png").exists()
-    assert "coordinated-nowake" in format_table(quick)
+    assert "coordinated-nowake" in format_report(quick)

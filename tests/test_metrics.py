@@ -7,14 +7,11 @@ import asyncio
 import importlib
 import logging
 import math
-import multiprocessing
 import sys
 import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import fields
-from multiprocessing.queues import Queue
-from multiprocessing.synchronize import Barrier
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
@@ -23,6 +20,7 @@ from redis.asyncio import Redis
 
 from coordinator import Loader, ReseedCoordinator, lock
 from coordinator.lab.embedded import EmbeddedServers
+from coordinator.lab.pods import Barrier, Fleet, Link
 from coordinator.metrics import PrometheusObserver
 from coordinator.observe import MissRole
 from coordinator.stats import Stats
@@ -131,45 +129,29 @@ def test_without_the_extra_the_import_error_names_the_install(
 # -- several processes, each with its own registry -------------------------------------
 
 
-def scraping_pod(
-    store_url: str, lock_urls: list[str], key: str, start: Barrier, out: Queue[str]
+async def scraping_pod(
+    link: Link, store_url: str, lock_urls: list[str], key: str, start: Barrier
 ) -> None:
-    """Process entry point: race on ``key`` after the barrier; report the exposition."""
-    try:
-        out.put(asyncio.run(race_and_scrape(store_url, lock_urls, key, start)))
-    except BaseException as exc:
-        out.put(f"error: {exc!r}")
-        raise
-
-
-async def race_and_scrape(store_url: str, lock_urls: list[str], key: str, start: Barrier) -> str:
+    """A pod: race on ``key`` after the barrier; send the exposition."""
     registry = CollectorRegistry()
     async with ReseedCoordinator.from_urls(
         store_url, lock_urls=lock_urls, observer=PrometheusObserver(registry)
     ) as coordinator:
         await asyncio.to_thread(start.wait, TIMEOUT)
         await race([coordinator], key, slow_value, callers=4)
-    return generate_latest(registry).decode()
+    link.send(generate_latest(registry).decode())
 
 
 async def test_processes_scraped_separately_add_up_to_one_loader_call(
     servers: EmbeddedServers, store: Redis
 ) -> None:
     pods = 3
-    context = multiprocessing.get_context("spawn")
-    start = context.Barrier(pods)
-    out: Queue[str] = context.Queue()
     key = f"cold:{uuid.uuid4().hex}"
-    args = (servers.redis[0].url, [s.url for s in servers.redis[1:4]], key, start, out)
-    procs = [context.Process(target=scraping_pod, args=args, daemon=True) for _ in range(pods)]
-    for proc in procs:
-        proc.start()
-    try:
-        expositions = [await asyncio.to_thread(out.get, True, TIMEOUT) for _ in procs]
-    finally:
-        for proc in procs:
-            proc.kill()
-            proc.join(TIMEOUT)
+    with Fleet("scraping-pod-") as fleet:
+        start = fleet.barrier(pods)
+        args = (servers.redis[0].url, [s.url for s in servers.redis[1:4]], key, start)
+        members = [fleet.spawn(scraping_pod, *args) for _ in range(pods)]
+        expositions = await asyncio.to_thread(fleet.answers, members, TIMEOUT)
     scraped = [samples(text) for text in expositions]
     assert sum(s["reseed_loader_calls_total"] for s in scraped) == 1
     assert sum(s["reseed_hits_total"] + s["reseed_misses_total"] for s in scraped) == pods * 4

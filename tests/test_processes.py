@@ -1,22 +1,17 @@
 """Properties about OS processes: pods in separate processes (spawned), each with its own
 coordinator and clients, racing on one counter whose value is a real PostgreSQL row.
 
-The parent drives the pods through barriers and events (every wait bounded) and checks
-what they report (see ``pods``) against the row and the stored counter.
+The pods run on the lab's harness (``coordinator.lab.pods``) with the workload of ``pods``;
+the parent drives them through barriers and events (every wait bounded) and checks what
+they report against the row and the stored counter.
 """
 
 from __future__ import annotations
 
 import asyncio
-import multiprocessing
-import os
-import signal
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
-from multiprocessing.process import BaseProcess
-from multiprocessing.queues import Queue
-from multiprocessing.synchronize import Barrier, Event
 from typing import Any
 
 import asyncpg
@@ -25,52 +20,9 @@ from pods import GATE_TIMEOUT, TABLE, Links, PodSpec, run
 from redis import Redis
 
 from coordinator.lab.embedded import EmbeddedServers
+from coordinator.lab.pods import Barrier, Event, Fleet, Pod
 
 Report = dict[str, Any]
-
-
-class Fleet:
-    """Spawned pods sharing one results queue; ``close`` kills whatever is still alive."""
-
-    def __init__(self) -> None:
-        self._ctx = multiprocessing.get_context("spawn")
-        self.results: Queue[Report] = self._ctx.Queue()
-        self.procs: dict[str, BaseProcess] = {}
-        # A named semaphore is unlinked when its parent-side object is collected, which can
-        # happen before a spawned child has opened it: keep them all until close.
-        self._primitives: list[Barrier | Event] = []
-
-    def barrier(self, parties: int) -> Barrier:
-        barrier = self._ctx.Barrier(parties)
-        self._primitives.append(barrier)
-        return barrier
-
-    def event(self) -> Event:
-        event = self._ctx.Event()
-        self._primitives.append(event)
-        return event
-
-    def start(self, spec: PodSpec, links: Links) -> None:
-        proc = self._ctx.Process(target=run, args=(spec, links), name=spec.name, daemon=True)
-        proc.start()
-        self.procs[spec.name] = proc
-
-    def collect(self, count: int) -> list[Report]:
-        """The next ``count`` round reports; a pod's setup error fails the test at once."""
-        reports = []
-        for _ in range(count):
-            report = self.results.get(timeout=GATE_TIMEOUT)
-            assert "error" not in report, f"pod {report['pod']} failed: {report['error']}"
-            reports.append(report)
-        return reports
-
-    def close(self) -> None:
-        for proc in self.procs.values():
-            if proc.is_alive():
-                proc.kill()
-            proc.join(5)
-        self.results.close()
-        self.results.join_thread()
 
 
 @pytest.fixture
@@ -79,7 +31,16 @@ def fleet() -> Iterator[Fleet]:
     try:
         yield pods
     finally:
-        pods.close()
+        pods.close(grace=0.0)  # whatever is still alive has no more to say
+
+
+def spawn(fleet: Fleet, spec: PodSpec, links: Links) -> Pod:
+    return fleet.spawn(run, spec, links, name=spec.name)
+
+
+def collect(fleet: Fleet, pods: Sequence[Pod]) -> list[Report]:
+    """The next round report of each of ``pods``; a pod's failure fails the test."""
+    return fleet.answers(pods, GATE_TIMEOUT)
 
 
 class Rows:
@@ -169,18 +130,11 @@ def fresh_row(rows: Rows, value: float) -> str:
     return key
 
 
-def signal_mid_load(
-    fleet: Fleet, ready: Barrier, go: Barrier, loading: Event, sig: signal.Signals
-) -> int:
-    """Release the pods, let A through ``go``, and once A's loader has read the row send A
-    ``sig``; returns A's pid."""
+def hold_mid_load(ready: Barrier, go: Barrier, loading: Event) -> None:
+    """Release the pods, let A through ``go``, and wait until A's loader has read the row."""
     ready.wait(GATE_TIMEOUT)
     go.wait(GATE_TIMEOUT)
     assert loading.wait(GATE_TIMEOUT)
-    pid = fleet.procs["A"].pid
-    assert pid is not None
-    os.kill(pid, sig)
-    return pid
 
 
 def test_pods_racing_a_cold_key_read_the_db_once(
@@ -189,13 +143,18 @@ def test_pods_racing_a_cold_key_read_the_db_once(
     pods, callers, db_value = 6, 8, 100.25
     key = fresh_row(rows, db_value)
     ready, go = fleet.barrier(pods + 1), fleet.barrier(pods + 1)
-    for i in range(pods):
-        spec = pod_spec(servers, rows.dsn, f"pod{i}", key, callers=callers, db_delay=0.2)
-        fleet.start(spec, Links(fleet.results, ready, (go,)))
+    members = [
+        spawn(
+            fleet,
+            pod_spec(servers, rows.dsn, f"pod{i}", key, callers=callers, db_delay=0.2),
+            Links(ready, (go,)),
+        )
+        for i in range(pods)
+    ]
     ready.wait(GATE_TIMEOUT)
     go.wait(GATE_TIMEOUT)
 
-    reports = fleet.collect(pods)
+    reports = collect(fleet, members)
     assert errors_of(reports) == []
     assert values_of(reports) == [db_value] * (pods * callers)
     assert loader_calls(reports) == 1
@@ -213,16 +172,17 @@ def test_holder_killed_mid_rebuild_is_overtaken_after_its_lease(
     ready, go_holder, go_rest = fleet.barrier(4), fleet.barrier(2), fleet.barrier(3)
     loading = fleet.event()
     # A's loader reads the row, says so, then never returns: it dies holding the lease.
-    fleet.start(base, Links(fleet.results, ready, (go_holder,), loading, fleet.event()))
-    for name in ("B", "C"):
-        fleet.start(replace(base, name=name), Links(fleet.results, ready, (go_rest,)))
-    signal_mid_load(fleet, ready, go_holder, loading, signal.SIGKILL)
-    fleet.procs["A"].join(GATE_TIMEOUT)
+    holder = spawn(fleet, base, Links(ready, (go_holder,), loading, fleet.event()))
+    rest = [
+        spawn(fleet, replace(base, name=name), Links(ready, (go_rest,))) for name in ("B", "C")
+    ]
+    hold_mid_load(ready, go_holder, loading)
+    holder.kill()
     # Checked after the kill, so B and C certainly meet a dead holder's live lease.
     assert lease_holders(servers, key) >= 2
     go_rest.wait(GATE_TIMEOUT)
 
-    reports = fleet.collect(2)
+    reports = collect(fleet, rest)
     assert errors_of(reports) == []
     assert values_of(reports) == [db_value] * 8
     assert loader_calls(reports) == 1  # the one extra DB read, A's being the first
@@ -246,19 +206,20 @@ def test_holder_paused_past_its_lease_is_fenced_out(
     base = pod_spec(servers, rows.dsn, "A", key, options=options)
     ready, go_a, go_b = fleet.barrier(3), fleet.barrier(2), fleet.barrier(2)
     a_loading, a_proceed, b_loading, b_proceed = (fleet.event() for _ in range(4))
-    fleet.start(base, Links(fleet.results, ready, (go_a,), a_loading, a_proceed))
-    fleet.start(replace(base, name="B"), Links(fleet.results, ready, (go_b,), b_loading, b_proceed))
-    paused = signal_mid_load(fleet, ready, go_a, a_loading, signal.SIGSTOP)
+    pod_a = spawn(fleet, base, Links(ready, (go_a,), a_loading, a_proceed))
+    pod_b = spawn(fleet, replace(base, name="B"), Links(ready, (go_b,), b_loading, b_proceed))
+    hold_mid_load(ready, go_a, a_loading)
+    pod_a.pause()
     try:
         rows.put(key, new)
         go_b.wait(GATE_TIMEOUT)
         assert b_loading.wait(GATE_TIMEOUT)
     finally:
-        os.kill(paused, signal.SIGCONT)
+        pod_a.resume()
     # Only now: Event.set blocks until every sleeper on it has woken, and A's could not.
     a_proceed.set()
 
-    (a,) = fleet.collect(1)
+    (a,) = collect(fleet, [pod_a])
     assert a["pod"] == "A"
     assert a["errors"] == []
     assert a["stats"]["fenced_writes"] == 1
@@ -266,7 +227,7 @@ def test_holder_paused_past_its_lease_is_fenced_out(
     assert a["values"][0] in (old, new)
     assert counter(servers, key) is None  # A wrote nothing
     b_proceed.set()
-    (b,) = fleet.collect(1)
+    (b,) = collect(fleet, [pod_b])
     assert b["values"] == [new]
     assert b["stats"]["seeds_won"] == 1
     assert loader_calls([a, b]) == 2
@@ -279,20 +240,25 @@ def test_store_restart_rebuilds_once(
     pods, callers, first, second = 4, 4, 30.0, 75.5
     key = fresh_row(rows, first)
     ready, round_one, round_two = (fleet.barrier(pods + 1) for _ in range(3))
-    for i in range(pods):
-        spec = pod_spec(
-            own_servers,
-            rows.dsn,
-            f"pod{i}",
-            key,
-            callers=callers,
-            ops=("get", "add"),
-            db_delay=0.1,
+    members = [
+        spawn(
+            fleet,
+            pod_spec(
+                own_servers,
+                rows.dsn,
+                f"pod{i}",
+                key,
+                callers=callers,
+                ops=("get", "add"),
+                db_delay=0.1,
+            ),
+            Links(ready, (round_one, round_two)),
         )
-        fleet.start(spec, Links(fleet.results, ready, (round_one, round_two)))
+        for i in range(pods)
+    ]
     ready.wait(GATE_TIMEOUT)
     round_one.wait(GATE_TIMEOUT)
-    reports = fleet.collect(pods)
+    reports = collect(fleet, members)
     assert errors_of(reports) == []
     assert values_of(reports) == [first] * (pods * callers)
     assert loader_calls(reports) == 1
@@ -302,7 +268,7 @@ def test_store_restart_rebuilds_once(
     assert counter(own_servers, key) is None
     rows.put(key, second)  # spend flushed to the DB meanwhile
     round_two.wait(GATE_TIMEOUT)
-    reports = fleet.collect(pods)
+    reports = collect(fleet, members)
     assert errors_of(reports) == []
     assert loader_calls(reports) == 1
     total = pods * callers

@@ -11,13 +11,14 @@ import os
 import socket
 import subprocess
 import sys
-from typing import Any
 
 import pytest
 
 from coordinator.lab import cli, race
 from coordinator.lab.embedded import EmbeddedServers
-from coordinator.lab.race import RaceError, RaceResult, Servers, StartLine, Strategy, run_race
+from coordinator.lab.pods import Link
+from coordinator.lab.race import PodSpec, RaceError, RaceResult, Strategy, run_race
+from coordinator.lab.servers import Servers
 
 DB_VALUE = 123.25
 
@@ -135,10 +136,10 @@ def test_unreachable_postgres_raises_before_any_pod_starts(race_servers: Servers
         run_race("coordinated", broken, pods=2, callers=2)
 
 
-def _die_before_the_start(spec: Any, index: int, start: StartLine, reports: Any) -> None:
+async def _die_before_the_start(link: Link, spec: PodSpec, index: int) -> None:
     if index == 0:
         os._exit(3)
-    race._pod_main(spec, index, start, reports)
+    await race.race_pod(link, spec, index)
 
 
 @pytest.mark.timeout(60)
@@ -146,7 +147,7 @@ def test_a_pod_dying_before_the_start_fails_the_race_without_a_hang(
     race_servers: Servers, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The spawned pods import this module for the target; their race module is unpatched.
-    monkeypatch.setattr(race, "_pod_main", _die_before_the_start)
+    monkeypatch.setattr(race, "race_pod", _die_before_the_start)
 
     with pytest.raises(RaceError) as failed:
         run_race("per-process", race_servers, pods=3, callers=2)

@@ -13,6 +13,11 @@ class CommandError(RuntimeError):
     """A command could not run (a server unreachable, bad setup); exit status 2."""
 
 
+def describe(exc: BaseException) -> str:
+    """An error for a message: its class, and what it says if anything."""
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
 def positive_int(text: str) -> int:
     try:
         value = int(text)

@@ -17,6 +17,7 @@ from ..budget.guard import SCOPES
 from ..coordinator import ReseedCoordinator
 from ..errors import SourceError
 from .cliargs import CommandError, non_negative, positive_int, print_json
+from .table import format_table, number
 
 
 def _scope_query(text: str) -> tuple[str, str]:
@@ -188,23 +189,11 @@ class _ProgressLine:
             sys.stderr.write("\n")
 
 
-def _number(value: float | None) -> str:
-    return "-" if value is None else f"{value:.15g}"
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    widths = [max(len(row[column]) for row in (header, *rows)) for column in range(len(header))]
-    return [
-        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-        for row in (header, *rows)
-    ]
-
-
 def _note(finding: Finding) -> str:
     if finding.status == "inflated" and finding.ratio is not None:
         return f"{finding.ratio:g}x the DB value"
     if finding.status == "low" and finding.db is not None and finding.counter is not None:
-        return f"{_number(finding.db - finding.counter)} of spend missing"
+        return f"{number(finding.db - finding.counter)} of spend missing"
     if not finding.fixable and finding.status != "healthy":
         return "no DB row: not fixable"
     return ""
@@ -216,14 +205,15 @@ def format_report(report: Report) -> str:
         (
             finding.status,
             finding.key,
-            _number(finding.counter) if finding.raw is None else repr(finding.raw),
-            _number(finding.db),
+            number(finding.counter) if finding.raw is None else repr(finding.raw),
+            number(finding.db),
             "none" if finding.ttl is None else f"{finding.ttl:.0f}s",
             _note(finding),
         )
         for finding in report.findings
     ]
-    lines = _table(("status", "key", "counter", "db", "ttl", "note"), rows) if rows else []
+    header = ("status", "key", "counter", "db", "ttl", "note")
+    lines = [format_table(header, rows, rule=False)] if rows else []
     return "\n".join([*lines, report.summary_line()])
 
 
@@ -231,9 +221,8 @@ def format_fixes(findings: Sequence[Finding]) -> str:
     rows = [
         (
             finding.key,
-            _number(finding.fixed) if finding.fix_error is None else f"failed: {finding.fix_error}",
+            number(finding.fixed) if finding.fix_error is None else f"failed: {finding.fix_error}",
         )
         for finding in findings
     ]
-    return "\n".join(_table(("fixed key", "counter now"), rows))
-
+    return format_table(("fixed key", "counter now"), rows, rule=False)

@@ -33,7 +33,8 @@ from ..budget.spend_source import PostgresSpendSource
 from ..coordinator import ReseedCoordinator
 from .cliargs import CommandError, add_server_flags, non_negative, positive_int
 from .embedded.process import file_size, free_port, read_since, spawn
-from .race import Servers, race_servers
+from .servers import Servers
+from .servers import server_urls as race_servers
 
 if TYPE_CHECKING:
     import httpx

@@ -20,37 +20,36 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import functools
 import math
-import multiprocessing
 import os
-import queue
-import signal
-import threading
 import time
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import asdict, dataclass, field
-from multiprocessing.context import BaseContext
-from multiprocessing.process import BaseProcess
-from multiprocessing.sharedctypes import Synchronized
 from typing import Any, Literal, Protocol, get_args
 
 import asyncpg
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
 
 from ..coordinator import Loader, ReseedCoordinator
 from ..keys import fence_key
 from ..sources import PostgresSource
 from ..values import parse_stored
-from .cliargs import CommandError, add_server_flags, non_negative, positive_int, print_json
-from .embedded import EmbeddedServerError, EmbeddedServers, PostgresServer, RedisServer
+from .cliargs import (
+    CommandError,
+    add_server_flags,
+    describe,
+    non_negative,
+    positive_int,
+    print_json,
+)
+from .pods import SETUP_TIMEOUT, Fleet, Link
+from .servers import Servers, server_urls, unreachable
+from .table import format_table, number
 
 Strategy = Literal["coordinated", "per-process", "naive"]
 STRATEGIES: tuple[Strategy, ...] = get_args(Strategy)
@@ -61,7 +60,6 @@ QUERY = f"SELECT spend FROM {TABLE}, pg_sleep($2) WHERE id = $1"
 
 COUNTER_TTL = 60.0  # LiteLLM's spend counter TTL
 SOCKET_TIMEOUT = 0.5  # every strategy's store client is built as from_urls builds ours
-SETUP_TIMEOUT = 60.0  # spawn + import + connect + warm-up of every pod, on a busy machine
 WAIT = 15.0  # the coordinator's deadline per call (its default)
 CALL_TIMEOUT = WAIT + 5.0  # outer bound on every caller, whatever the strategy
 START_LEAD = 0.1  # seconds from the last pod's arrival at the barrier to the start...
@@ -70,17 +68,6 @@ START_LEAD_PER_POD = 0.01  # ...plus this per pod
 
 class RaceError(CommandError):
     """The race could not be run: a server is unreachable or a pod failed or vanished."""
-
-
-class _BarrierBroken(RaceError):
-    """This pod is fine; another one failed before the start."""
-
-
-@dataclass(frozen=True)
-class Servers:
-    redis_url: str
-    lock_urls: tuple[str, ...]
-    pg_dsn: str
 
 
 @dataclass(frozen=True)
@@ -239,72 +226,12 @@ CONTENDERS: dict[Strategy, Callable[[PodSpec], Contender]] = {
 # -- one pod -----------------------------------------------------------------------------
 
 
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-
-
-class StartLine:
-    """Releases every pod at one instant.
-
-    A barrier alone wakes its waiters one after another (each takes its lock in turn, on a
-    machine busy with the pods already woken): tens of ms apart for 16 pods on 2 cores, as
-    long as the DB delay itself. So the last pod to arrive only schedules the start a little
-    ahead (the barrier's action), and every pod sleeps to that instant on its own timer.
-    """
-
-    def __init__(self, context: BaseContext, pods: int) -> None:
-        self.at: Synchronized[float] = context.Value("d", 0.0)
-        lead = START_LEAD + START_LEAD_PER_POD * pods
-        self.barrier = context.Barrier(pods, action=functools.partial(_schedule, self.at, lead))
-
-    async def wait(self) -> float:
-        """Wait for every pod, then for the start; the start as ``perf_counter`` time."""
-        try:
-            await asyncio.to_thread(self.barrier.wait, SETUP_TIMEOUT)
-        except threading.BrokenBarrierError:
-            raise _BarrierBroken(
-                "the start barrier broke: another pod failed, "
-                f"or setup took longer than {SETUP_TIMEOUT:g}s"
-            ) from None
-        return await sleep_until(self.at.value)
-
-    def abort(self) -> None:
-        """Release every waiting pod with an error: one of them will never arrive."""
-        self.barrier.abort()
-
-
-def _schedule(at: Synchronized[float], lead: float) -> None:
-    at.value = time.time() + lead
-
-
-async def sleep_until(at: float) -> float:
-    """Sleep until the wall-clock instant ``at`` (the clock every pod shares); that instant
-    as ``perf_counter`` time, which latencies are measured from."""
-    start = time.perf_counter() + (at - time.time())
-    await asyncio.sleep(start - time.perf_counter())
-    return start
-
-
-def _pod_main(spec: PodSpec, index: int, start: StartLine, reports: Any) -> None:
-    """Entry point of a spawned pod; always reports, and never leaves the others waiting."""
-    # A terminal's Ctrl-C reaches the whole process group: the parent handles it and
-    # terminates the pods, so they should not die mid-report with a traceback each.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        report = asyncio.run(_pod(spec, index, start))
-    except BaseException as exc:
-        start.abort()
-        report = PodReport(
-            pod=index, failure=_describe(exc), collateral=isinstance(exc, _BarrierBroken)
-        )
-    reports.put(report)
-
-
-async def _pod(spec: PodSpec, index: int, start_line: StartLine) -> PodReport:
+async def race_pod(link: Link, spec: PodSpec, index: int) -> None:
+    """A pod of the race (spawned): set up and warm up, race from the start line, report."""
     async with AsyncExitStack() as stack:
         source = await open_source(spec.servers, stack)
         contender = await open_contender(spec, source, f"{spec.key}:warm:{index}", stack)
-        return await run_round(spec, index, contender, source, start_line.wait)
+        link.send(await run_round(spec, index, contender, source, link.start))
 
 
 async def open_source(servers: Servers, stack: AsyncExitStack) -> PostgresSource:
@@ -396,7 +323,7 @@ async def prepare_race(servers: Servers, row_id: str, db_value: float) -> None:
         conn = await asyncpg.connect(servers.pg_dsn, timeout=10.0)
     except Exception as exc:
         raise RaceError(
-            f"cannot connect to PostgreSQL at {servers.pg_dsn}: {_describe(exc)}"
+            f"cannot connect to PostgreSQL at {servers.pg_dsn}: {describe(exc)}"
         ) from exc
     try:
         await conn.execute(
@@ -410,19 +337,12 @@ async def prepare_race(servers: Servers, row_id: str, db_value: float) -> None:
             db_value,
         )
     except Exception as exc:
-        raise RaceError(f"cannot write the race row to {TABLE}: {_describe(exc)}") from exc
+        raise RaceError(f"cannot write the race row to {TABLE}: {describe(exc)}") from exc
     finally:
         await conn.close()
-    for role, url in [("counter store", servers.redis_url)] + [
-        ("lock master", url) for url in servers.lock_urls
-    ]:
-        client = _store_client(url)
-        try:
-            await client.ping()
-        except RedisError as exc:
-            raise RaceError(f"cannot reach the {role} at {url}: {_describe(exc)}") from exc
-        finally:
-            await client.aclose()
+    problem = unreachable(servers)
+    if problem is not None:
+        raise RaceError(problem)
 
 
 async def _finish(servers: Servers, key: str, pods: int, row_id: str) -> float | None:
@@ -446,73 +366,17 @@ async def remove_row(servers: Servers, row_id: str) -> None:
         await conn.close()
 
 
-def _collect(
-    processes: Sequence[BaseProcess], reports: Any, start: StartLine, deadline: float
-) -> dict[int, PodReport]:
-    """Every pod's report; a pod that died or overran is reported as failed, and the barrier
-    is broken so that nobody waits for a pod that will never arrive."""
-    collected: dict[int, PodReport] = {}
-    exited_at: dict[int, float] = {}
-    while len(collected) < len(processes):
-        with contextlib.suppress(queue.Empty):
-            report: PodReport = reports.get(timeout=0.05)
-            collected[report.pod] = report
-            continue
-        now = time.monotonic()
-        for index, process in enumerate(processes):
-            if index in collected or process.exitcode is None:
-                continue
-            # A pod that exited cleanly flushed its report first; give the pipe a moment.
-            if now - exited_at.setdefault(index, now) > 1.0:
-                collected[index] = PodReport(
-                    pod=index, failure=f"pod exited with code {process.exitcode} without a report"
-                )
-                start.abort()
-        if now > deadline:
-            for index in range(len(processes)):
-                collected.setdefault(
-                    index, PodReport(pod=index, failure="pod did not finish in time")
-                )
-            start.abort()
-    return collected
-
-
-def stop_pods(processes: Sequence[BaseProcess], grace: float) -> None:
-    for process in processes:
-        process.join(timeout=grace)
-    for process in processes:
-        if process.is_alive():
-            process.terminate()
-            process.join(timeout=2.0)
-        if process.is_alive():
-            process.kill()
-            process.join()
-
-
 def _run_pods(spec: PodSpec, pods: int) -> list[PodReport]:
-    context = multiprocessing.get_context("spawn")
-    start = StartLine(context, pods)
-    reports = context.Queue()
-    processes = [
-        context.Process(
-            target=_pod_main,
-            args=(spec, index, start, reports),
-            name=f"race-pod-{index}",
-        )
-        for index in range(pods)
+    with Fleet("race-pod-") as fleet:
+        start = fleet.start_line(pods, START_LEAD + START_LEAD_PER_POD * pods)
+        members = [fleet.spawn(race_pod, spec, index, start=start) for index in range(pods)]
+        answers = fleet.gather(members, SETUP_TIMEOUT + CALL_TIMEOUT + 10.0)
+    return [
+        answer
+        if isinstance(answer, PodReport)
+        else PodReport(pod=index, failure=answer.error, collateral=answer.collateral)
+        for index, answer in enumerate(answers)
     ]
-    grace = 0.0  # interrupted or failed: terminate the pods at once
-    try:
-        for process in processes:
-            process.start()
-        deadline = time.monotonic() + SETUP_TIMEOUT + CALL_TIMEOUT + 10.0
-        collected = _collect(processes, reports, start, deadline)
-        grace = 5.0
-    finally:
-        start.abort()
-        stop_pods([process for process in processes if process.pid is not None], grace)
-        reports.close()
-    return [collected[index] for index in range(pods)]
 
 
 def percentile(ordered: Sequence[float], q: float) -> float | None:
@@ -595,71 +459,13 @@ def run_race(
     try:
         final = asyncio.run(_finish(servers, spec.key, pods, run_id))
     except Exception as exc:
-        failures.append(f"reading the final counter: {_describe(exc)}")
+        failures.append(f"reading the final counter: {describe(exc)}")
     if failures:
         raise RaceError(f"{strategy} race failed:\n  " + "\n  ".join(failures))
     return _aggregate(spec, pods, db_value, reports, final)
 
 
-@dataclass(frozen=True)
-class Deployment:
-    """The servers to run on, and handles on the embedded ones (None or empty for those
-    given by URL), for callers that inject faults into them."""
-
-    servers: Servers
-    store: RedisServer | None = None
-    masters: tuple[RedisServer, ...] = ()
-    postgres: PostgresServer | None = None
-
-
-@contextlib.contextmanager
-def race_servers(
-    redis_url: str | None = None,
-    lock_urls: Sequence[str] = (),
-    pg_dsn: str | None = None,
-) -> Iterator[Servers]:
-    """The servers to race on: those given, plus embedded ones for whatever is missing
-    (the counter store, three lock masters, PostgreSQL), stopped on exit."""
-    with started_servers(redis_url, lock_urls, pg_dsn) as deployment:
-        yield deployment.servers
-
-
-@contextlib.contextmanager
-def started_servers(
-    redis_url: str | None = None,
-    lock_urls: Sequence[str] = (),
-    pg_dsn: str | None = None,
-) -> Iterator[Deployment]:
-    """:func:`race_servers`, with handles on the embedded servers."""
-    embedded_redis = (0 if redis_url else 1) + (0 if lock_urls else 3)
-    if not embedded_redis and pg_dsn:
-        yield Deployment(Servers(redis_url or "", tuple(lock_urls), pg_dsn))
-        return
-    try:
-        running = EmbeddedServers(redis_count=embedded_redis, postgres=not pg_dsn)
-        running.start()
-    except EmbeddedServerError as exc:
-        raise RaceError(f"cannot start the embedded servers: {exc}") from exc
-    try:
-        spare = iter(running.redis)
-        store = None if redis_url else next(spare)
-        masters = () if lock_urls else tuple(spare)
-        postgres = running.postgres
-        servers = Servers(
-            redis_url or (store.url if store else ""),
-            tuple(lock_urls) or tuple(server.url for server in masters),
-            pg_dsn or (postgres.dsn if postgres else ""),
-        )
-        yield Deployment(servers, store, masters, postgres)
-    finally:
-        running.close()
-
-
-def _number(value: float | None) -> str:
-    return "-" if value is None else f"{value:.15g}"
-
-
-def format_table(results: Sequence[RaceResult]) -> str:
+def format_results(results: Sequence[RaceResult]) -> str:
     """The results side by side, one strategy per row."""
     header = (
         "strategy",
@@ -677,27 +483,18 @@ def format_table(results: Sequence[RaceResult]) -> str:
         (
             result.strategy,
             f"{result.pods} x {result.callers}",
-            _number(result.db_value),
-            _number(result.final_counter),
-            _number(None if result.inflation is None else round(result.inflation, 3)),
+            number(result.db_value),
+            number(result.final_counter),
+            number(None if result.inflation is None else round(result.inflation, 3)),
             str(result.db_reads),
-            f"{_number(result.min_returned)}..{_number(result.max_returned)}",
-            _number(result.p50_ms),
-            _number(result.p99_ms),
+            f"{number(result.min_returned)}..{number(result.max_returned)}",
+            number(result.p50_ms),
+            number(result.p99_ms),
             str(result.errors),
         )
         for result in results
     ]
-    widths = [max(len(row[column]) for row in (header, *rows)) for column in range(len(header))]
-    numeric = range(2, len(header))
-    lines = [
-        "  ".join(
-            cell.rjust(width) if column in numeric else cell.ljust(width)
-            for column, (cell, width) in enumerate(zip(row, widths, strict=True))
-        ).rstrip()
-        for row in (header, *rows)
-    ]
-    lines.insert(1, "  ".join("-" * width for width in widths))
+    table = format_table(header, rows, right=range(2, len(header)))
     delay = ", ".join(f"{ms:g}" for ms in sorted({result.db_delay_ms for result in results}))
     lag = max(result.start_lag_ms for result in results)
     notes = [
@@ -713,7 +510,7 @@ def format_table(results: Sequence[RaceResult]) -> str:
     notes += [
         f"{result.strategy} errors: {result.error_types}" for result in results if result.errors
     ]
-    return "\n".join([*lines, "", *notes])
+    return "\n".join([table, "", *notes])
 
 
 # -- command line ------------------------------------------------------------------
@@ -761,10 +558,8 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 
 def _race(args: argparse.Namespace) -> int:
-    strategies: list[Strategy] = (
-        list(STRATEGIES) if args.strategy == "all" else [args.strategy]
-    )
-    with race_servers(args.redis_url, args.lock_url, args.pg_dsn) as servers:
+    strategies: list[Strategy] = list(STRATEGIES) if args.strategy == "all" else [args.strategy]
+    with server_urls(args.redis_url, args.lock_url, args.pg_dsn) as servers:
         results = [
             run_race(
                 strategy,
@@ -780,5 +575,5 @@ def _race(args: argparse.Namespace) -> int:
         documents = [result.as_dict() for result in results]
         print_json(documents if args.strategy == "all" else documents[0])
     else:
-        print(format_table(results))
+        print(format_results(results))
     return 0

@@ -15,7 +15,6 @@ from collections.abc import Iterator, Sequence
 import pytest
 
 from coordinator.lab.chaos import (
-    ChaosEnv,
     Lab,
     Report,
     Run,
@@ -25,6 +24,7 @@ from coordinator.lab.chaos import (
     values,
 )
 from coordinator.lab.embedded import EmbeddedServers
+from coordinator.lab.servers import Deployment
 
 WAIT = 15.0
 CALLERS = 8
@@ -33,7 +33,7 @@ SWEEP = [1, 4, 8, 16]
 
 @pytest.fixture(scope="module")
 def lab(servers: EmbeddedServers) -> Iterator[Lab]:
-    with Lab(ChaosEnv.embedded(servers)) as lab:
+    with Lab(Deployment.embedded(servers)) as lab:
         yield lab
 
 

@@ -18,16 +18,17 @@ from collections.abc import Iterator
 import pytest
 
 from coordinator.lab import chaos
-from coordinator.lab.chaos import ChaosEnv, Lab, Row, Run, Scenario
+from coordinator.lab.chaos import Lab, Row, Run, Scenario
 from coordinator.lab.cli import main
 from coordinator.lab.embedded import EmbeddedServers
+from coordinator.lab.servers import Deployment
 
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
     with (
         EmbeddedServers(redis_count=4, postgres=True) as running,
-        Lab(ChaosEnv.embedded(running)) as lab,
+        Lab(Deployment.embedded(running)) as lab,
     ):
         yield lab
 
@@ -147,7 +148,7 @@ def test_every_row_of_the_table_has_a_test() -> None:
 
 def test_faults_that_need_a_server_it_cannot_kill_are_skipped(lab: Lab) -> None:
     # The same servers, given as URLs (a staging deployment): nothing to kill.
-    with Lab(ChaosEnv(lab.env.servers)) as given:
+    with Lab(Deployment(lab.env.servers)) as given:
         for name in ("master-killed", "store-restarted", "db-stopped"):
             row = given.run(name)
             assert row.status == "skip"

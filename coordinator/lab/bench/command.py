@@ -35,10 +35,11 @@ from redis.asyncio import Redis
 
 from ..cliargs import CommandError, add_server_flags, non_negative, positive_int, print_json
 from ..embedded import RedisServer
-from ..race import PodReport, Servers, percentile, started_servers
+from ..race import PodReport, percentile
+from ..servers import Servers, started_servers
 from .micro import MicroPlan, alternating, hot_path, lock_cost
 from .pool import PodPool, Round, Variant
-from .report import format_table, plot, seed_wakeup, targets
+from .report import format_report, plot, seed_wakeup, targets
 
 VARIANTS = (
     Variant("naive", "naive"),
@@ -268,7 +269,7 @@ def write_outputs(document: dict[str, Any], out: Path) -> dict[str, str]:
     else:
         document["notes"] = [*document.get("notes", []), skipped]
     document["files"] = files
-    paths["table"].write_text(format_table(document) + "\n")
+    paths["table"].write_text(format_report(document) + "\n")
     # pottery replaces json.dumps' default encoder on import: name the standard one.
     paths["json"].write_text(json.dumps(document, indent=2, cls=json.JSONEncoder) + "\n")
     return files
@@ -338,6 +339,6 @@ def _bench(args: argparse.Namespace) -> int:
     if args.json:
         print_json(document)
     else:
-        print(format_table(document))
+        print(format_report(document))
     progress(f"wrote {', '.join(files.values())}")
     return 0

@@ -21,7 +21,8 @@ from ...coordinator import ReseedCoordinator
 from ...keys import fence_key
 from ...lock import LeaseManager, QuorumUnavailable, lock_client
 from ..embedded import RedisServer
-from ..race import Servers, percentile
+from ..race import percentile
+from ..servers import Servers
 
 Call = Callable[[], Awaitable[object]]
 

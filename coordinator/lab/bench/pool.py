@@ -14,39 +14,30 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import multiprocessing
-import signal
 import time
 import uuid
 from collections.abc import Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
-from multiprocessing.connection import Connection, wait
-from multiprocessing.process import BaseProcess
-from typing import Any, cast
 
 from redis import Redis
 
 from ...keys import fence_key
 from ...values import parse_stored
+from ..pods import SETUP_TIMEOUT, Fleet, Link, Pod, sleep_until, start_at
 from ..race import (
     CALL_TIMEOUT,
-    SETUP_TIMEOUT,
     Contender,
     PodReport,
     PodSpec,
-    RaceError,
-    Servers,
     Strategy,
-    _describe,
     open_contender,
     open_source,
     prepare_race,
     remove_row,
     run_round,
-    sleep_until,
-    stop_pods,
 )
+from ..servers import Servers
 
 # Ahead of the start, so that every pod has the message and its tasks ready; pods in the
 # pool are idle and warm, so this is much shorter than a fresh race's barrier lead.
@@ -112,28 +103,16 @@ class Round:
 # -- a pod ---------------------------------------------------------------------------------
 
 
-def _pod_main(setup: _Setup, index: int, conn: Connection) -> None:
-    """Entry point of a pooled pod: ``"ready"``, then one report per job until ``None``;
-    a failure is sent as its description, and ends the pod."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
-    try:
-        asyncio.run(_pod(setup, index, conn))
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            conn.send(_describe(exc))
-    finally:
-        conn.close()
-
-
-async def _pod(setup: _Setup, index: int, conn: Connection) -> None:
+async def pool_pod(link: Link, setup: _Setup, index: int) -> None:
+    """A pooled pod (spawned): ready once warm, then one report per job until stopped."""
     async with AsyncExitStack() as stack:
         source = await open_source(setup.servers, stack)
         contenders: dict[str, Contender] = {}
         for variant in setup.variants:
             spec = setup.spec(variant, setup.warm_key(index, variant), 0.0)
             contenders[variant.name] = await open_contender(spec, source, spec.key, stack)
-        conn.send("ready")
-        while (job := await asyncio.to_thread(conn.recv)) is not None:
+        link.ready()
+        while (job := await link.next()) is not None:
             variant = next(v for v in setup.variants if v.name == job.variant)
             report = await run_round(
                 setup.spec(variant, job.key, job.db_delay_ms),
@@ -142,16 +121,10 @@ async def _pod(setup: _Setup, index: int, conn: Connection) -> None:
                 source,
                 functools.partial(sleep_until, job.at),
             )
-            conn.send(report)
+            link.send(report)
 
 
 # -- the parent ----------------------------------------------------------------------------
-
-
-@dataclass
-class _Member:
-    process: BaseProcess
-    conn: Connection
 
 
 class PodPool:
@@ -172,7 +145,8 @@ class PodPool:
         self._setup = _Setup(
             servers, tuple(variants), callers, f"bench-{run_id}", f"bench:{run_id}"
         )
-        self._members: list[_Member] = []
+        self._fleet = Fleet("bench-pod-")
+        self._members: list[Pod] = []
         self._rounds = 0
         self._client = Redis.from_url(servers.redis_url, socket_timeout=5.0)
         self._lock_clients = [
@@ -198,12 +172,12 @@ class PodPool:
             raise ValueError(f"pods must be in 1..{self.size}, got {pods}")
         self._rounds += 1
         key = f"{self._setup.prefix}:spend:{self._rounds}"
-        at = time.time() + ROUND_LEAD + ROUND_LEAD_PER_POD * pods
+        at = start_at(pods, ROUND_LEAD, ROUND_LEAD_PER_POD)
         members = self._members[:pods]
         before = self._commands()
         for member in members:
-            member.conn.send(_Job(variant, key, db_delay_ms, at))
-        reports = self._collect(members, at + CALL_TIMEOUT + 10.0)
+            member.send(_Job(variant, key, db_delay_ms, at))
+        reports = self._fleet.answers(members, at - time.time() + CALL_TIMEOUT + 10.0)
         after = self._commands()
         # Less the INFO of the first snapshot, which the second one counts: one per server.
         commands = {
@@ -227,12 +201,7 @@ class PodPool:
         }
 
     def close(self) -> None:
-        for member in self._members:
-            with contextlib.suppress(OSError):
-                member.conn.send(None)
-        stop_pods([member.process for member in self._members], grace=5.0)
-        for member in self._members:
-            member.conn.close()
+        self._fleet.close()
         self._members = []
         with contextlib.suppress(Exception):
             warm = [
@@ -247,37 +216,11 @@ class PodPool:
 
     def _start(self) -> None:
         asyncio.run(prepare_race(self._setup.servers, self._setup.row_id, self.db_value))
-        context = multiprocessing.get_context("spawn")
-        for index in range(self.size):
-            parent, child = context.Pipe()
-            process = context.Process(
-                target=_pod_main, args=(self._setup, index, child), name=f"bench-pod-{index}"
-            )
-            process.start()
-            child.close()
-            self._members.append(_Member(process, parent))
-        self._collect(self._members, time.time() + SETUP_TIMEOUT)
+        self._members = [
+            self._fleet.spawn(pool_pod, self._setup, index) for index in range(self.size)
+        ]
+        self._fleet.answers(self._members, SETUP_TIMEOUT)
         # Every contender's first lost race opens what a warm pod keeps open (the pub/sub
         # connection of the seed wake-up, the lock clients' sockets): not part of a cold miss.
         for variant in self._setup.variants:
             self.race(variant.name, self.size, 0.0)
-
-    def _collect(self, members: Sequence[_Member], deadline: float) -> list[Any]:
-        """One message from each member, in order; a failure or a dead pod is an error."""
-        received: dict[int, Any] = {}
-        pending = {member.conn: index for index, member in enumerate(members)}
-        while pending:
-            remaining = deadline - time.time()
-            if remaining <= 0:
-                raise RaceError(f"{len(pending)} pooled pods did not answer in time")
-            for ready in wait(list(pending), timeout=remaining):
-                conn = cast(Connection, ready)
-                index = pending.pop(conn)
-                try:
-                    message = conn.recv()
-                except EOFError:
-                    message = f"exited with code {members[index].process.exitcode}"
-                if isinstance(message, str) and message != "ready":
-                    raise RaceError(f"pooled pod {index} failed: {message}")
-                received[index] = message
-        return [received[index] for index in range(len(members))]

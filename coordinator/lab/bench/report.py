@@ -8,6 +8,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..table import format_table
+
 TARGETS = {
     "coordinated_db_reads_per_miss": 1.0,
     "coordinated_p99_over_per_process_p99": 1.2,
@@ -146,19 +148,6 @@ def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}"
 
 
-def _columns(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
-    lines = [
-        "  ".join(
-            cell.ljust(width) if i == 1 else cell.rjust(width)
-            for i, (cell, width) in enumerate(zip(row, widths, strict=True))
-        ).rstrip()
-        for row in (header, *rows)
-    ]
-    lines.insert(1, "  ".join("-" * width for width in widths))
-    return lines
-
-
 def _stampede(document: dict[str, Any]) -> list[str]:
     header = (
         "pods", "strategy", "DB reads", "x db", "p50", "p99", "win p50", "win p99",
@@ -196,7 +185,8 @@ def _stampede(document: dict[str, Any]) -> list[str]:
                     str(cell["errors"]),
                 )
             )
-        lines += ["", f"DB delay {delay:g} ms", *_columns(header, rows)]
+        table = format_table(header, rows, right=[i for i in range(len(header)) if i != 1])
+        lines += ["", f"DB delay {delay:g} ms", table]
     return lines
 
 
@@ -258,7 +248,7 @@ def _summary(document: dict[str, Any]) -> list[str]:
     return lines
 
 
-def format_table(document: dict[str, Any]) -> str:
+def format_report(document: dict[str, Any]) -> str:
     return "\n".join(_stampede(document) + _summary(document))
 
 

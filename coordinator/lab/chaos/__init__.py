@@ -20,12 +20,12 @@ was not given; the others are reported as skipped ("needs embedded ...").
 """
 
 from .command import register
-from .common import HANG, LEASE, QUERY, SLACK, TABLE, ChaosError, Need, Op, Status
-from .fleet import Fleet, Pod, Ticket
-from .harness import ChaosEnv, Database, chaos_env
+from .common import HANG, LEASE, QUERY, SLACK, TABLE, ChaosError, Op, Status
+from .database import Database
+from .fleet import Fleet, Ticket
 from .messages import Loaded, Outcome, Profile, Report, Work
 from .reports import errors, loads, max_wait, outcomes, stat, values
-from .table import SCENARIOS, Lab, Row, Run, Scenario, format_table, run_table, scenario
+from .table import SCENARIOS, Lab, Row, Run, Scenario, format_rows, run_table, scenario
 from .tcp_proxy import TcpProxy
 
 # isort: off
@@ -44,16 +44,13 @@ __all__ = [
     "SCENARIOS",
     "SLACK",
     "TABLE",
-    "ChaosEnv",
     "ChaosError",
     "Database",
     "Fleet",
     "Lab",
     "Loaded",
-    "Need",
     "Op",
     "Outcome",
-    "Pod",
     "Profile",
     "Report",
     "Row",
@@ -63,9 +60,8 @@ __all__ = [
     "TcpProxy",
     "Ticket",
     "Work",
-    "chaos_env",
     "errors",
-    "format_table",
+    "format_rows",
     "loads",
     "max_wait",
     "outcomes",

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 
 from ..cliargs import add_server_flags, print_json
-from .harness import chaos_env
-from .table import SCENARIOS, format_table, run_table
+from ..servers import started_servers
+from .table import SCENARIOS, format_rows, run_table
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -35,10 +35,10 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 
 def _chaos(args: argparse.Namespace) -> int:
-    with chaos_env(args.redis_url, args.lock_url, args.pg_dsn) as env:
+    with started_servers(args.redis_url, args.lock_url, args.pg_dsn) as env:
         rows = run_table(env, args.only)
     if args.json:
         print_json([row.as_dict() for row in rows])
     else:
-        print(format_table(rows))
+        print(format_rows(rows))
     return 1 if any(row.status == "FAIL" for row in rows) else 0

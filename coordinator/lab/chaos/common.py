@@ -1,5 +1,5 @@
 """What every part of the chaos table shares: the source-of-truth query, the bounds and
-the names of operations, outcomes and servers."""
+the names of operations and outcomes."""
 
 from __future__ import annotations
 
@@ -19,7 +19,6 @@ HANG = "Hang"  # the error name of a call that outlived its bound
 
 Op = Literal["get", "add", "incr", "reset"]
 Status = Literal["pass", "FAIL", "skip"]
-Need = Literal["store", "masters", "postgres"]
 
 
 class ChaosError(CommandError):

@@ -1,4 +1,4 @@
-"""What the parent asks of a pod, and what a pod answers (pickled through queues)."""
+"""What the parent asks of a chaos pod, and what it answers (pickled through queues)."""
 
 from __future__ import annotations
 
@@ -50,45 +50,47 @@ class Work:
 
 
 @dataclass(frozen=True)
-class _Prepare:
+class Prepare:
+    """Parent to pod: build and warm the coordinator of ``profile``."""
+
     ticket: int
     profile: Profile
 
 
 @dataclass(frozen=True)
-class _Run:
+class Start:
+    """Parent to pod: run ``work``; its report comes as :class:`Done`."""
+
     ticket: int
     work: Work
 
 
 @dataclass(frozen=True)
-class _Release:
+class Release:
+    """Parent to pod: let the stalled loaders of the batch ``ticket`` return."""
+
     ticket: int
 
 
 @dataclass(frozen=True)
-class _Stats:
+class AskStats:
+    """Parent to pod: the counters of the coordinator of ``profile``, as :class:`Counters`."""
+
     ticket: int
     profile: Profile
 
 
 @dataclass(frozen=True)
-class _Stop:
-    pass
+class Prepared:
+    """Pod to parent: the coordinator asked for by :class:`Prepare` is warm."""
 
-
-@dataclass(frozen=True)
-class _Ready:
-    pod: str
-
-
-@dataclass(frozen=True)
-class _Prepared:
     ticket: int
 
 
 @dataclass(frozen=True)
-class _Counters:
+class Counters:
+    """Pod to parent: the answer to :class:`AskStats`."""
+
     ticket: int
     stats: dict[str, int]
 
@@ -129,12 +131,8 @@ class Report:
 
 
 @dataclass(frozen=True)
-class _Done:
+class Done:
+    """Pod to parent: the report of the batch ``ticket``."""
+
     ticket: int
     report: Report
-
-
-@dataclass(frozen=True)
-class _Failed:
-    pod: str
-    error: str

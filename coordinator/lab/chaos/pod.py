@@ -1,90 +1,69 @@
-"""The pod process: a spawned child with its own coordinators, Redis clients and
-PostgreSQL pool, running the batches the parent sends. :func:`pod_main` is the spawn
-target: a child imports it by its module path."""
+"""The chaos pod's workload: in a spawned pod (:mod:`coordinator.lab.pods`), its own
+coordinators, Redis clients and PostgreSQL pool, running the batches the parent sends."""
 
 from __future__ import annotations
 
 import asyncio
-import logging
-import multiprocessing
-import queue
-import signal
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
-from multiprocessing.queues import Queue
 from typing import Any
 
 from ...coordinator import Loader, ReseedCoordinator
 from ...errors import ReseedError
 from ...keys import fence_key
 from ...sources import PostgresSource
-from ..race import _describe
+from ..cliargs import describe
+from ..pods import Failed, Link, sleep_until
 from .common import HANG, QUERY, Op
 from .messages import (
+    AskStats,
+    Counters,
+    Done,
     Loaded,
     Outcome,
+    Prepare,
+    Prepared,
     Profile,
+    Release,
     Report,
+    Start,
     Work,
-    _Counters,
-    _Done,
-    _Failed,
-    _Prepare,
-    _Prepared,
-    _Ready,
-    _Release,
-    _Run,
-    _Stats,
-    _Stop,
 )
 
 STALL_LIMIT = 60.0  # a stalled loader gives up by itself if the parent never releases it
 POD_POOL = 4  # PostgreSQL connections per pod
 
 
-def pod_main(name: str, dsn: str, commands: Queue[Any], events: Queue[Any]) -> None:
-    """Entry point of a spawned pod."""
-    # The parent reports; a pod's own logs (pottery, asyncpg reconnects) would only be noise.
-    logging.getLogger().addHandler(logging.NullHandler())
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        asyncio.run(_Pod(name, dsn, commands, events).serve())
-    except BaseException as exc:
-        events.put(_Failed(name, _describe(exc)))
+async def chaos_pod(link: Link, dsn: str) -> None:
+    """A chaos pod (spawned): ready once connected, then the parent's commands until stopped."""
+    await _Pod(link, dsn).serve()
 
 
 class _Pod:
     source: PostgresSource
 
-    def __init__(self, name: str, dsn: str, commands: Queue[Any], events: Queue[Any]) -> None:
-        self.name = name
+    def __init__(self, link: Link, dsn: str) -> None:
+        self.name = link.name
         self.dsn = dsn
-        self.commands = commands
-        self.events = events
+        self.link = link
         self.coordinators: dict[Profile, ReseedCoordinator] = {}
         self.releases: dict[int, asyncio.Event] = {}
         self.tasks: set[asyncio.Task[None]] = set()
-        parent = multiprocessing.parent_process()
-        self.parent_alive: Callable[[], bool] = parent.is_alive if parent else lambda: True
 
     async def serve(self) -> None:
         source = await PostgresSource.connect(self.dsn, QUERY, max_size=POD_POOL)
         self.source = source
         try:
-            self.events.put(_Ready(self.name))
-            while True:
-                command = await asyncio.to_thread(self._next)
-                if isinstance(command, _Stop) or not self.parent_alive():
-                    break
-                if isinstance(command, _Prepare):
+            self.link.ready()
+            while (command := await self.link.next()) is not None:
+                if isinstance(command, Prepare):
                     self._spawn(self._prepare(command))
-                elif isinstance(command, _Run):
+                elif isinstance(command, Start):
                     self._spawn(self._run(command))
-                elif isinstance(command, _Release):
+                elif isinstance(command, Release):
                     self._release(command.ticket).set()
-                elif isinstance(command, _Stats):
+                elif isinstance(command, AskStats):
                     self._spawn(self._stats(command))
         finally:
             for task in self.tasks:
@@ -93,12 +72,6 @@ class _Pod:
             for coordinator in self.coordinators.values():
                 await coordinator.aclose()
             await source.aclose()
-
-    def _next(self) -> Any:
-        try:
-            return self.commands.get(timeout=0.5)
-        except queue.Empty:
-            return None
 
     def _spawn(self, work: Any) -> None:
         task = asyncio.get_running_loop().create_task(work)
@@ -128,29 +101,29 @@ class _Pod:
             await self.source.pool.fetchval("SELECT 1")
         return coordinator
 
-    async def _prepare(self, command: _Prepare) -> None:
+    async def _prepare(self, command: Prepare) -> None:
         try:
             await self._coordinator(command.profile)
         except Exception as exc:
-            self.events.put(_Failed(self.name, f"prepare: {_describe(exc)}"))
+            self.link.send(Failed(self.name, f"prepare: {describe(exc)}"))
             return
-        self.events.put(_Prepared(command.ticket))
+        self.link.send(Prepared(command.ticket))
 
-    async def _stats(self, command: _Stats) -> None:
+    async def _stats(self, command: AskStats) -> None:
         coordinator = await self._coordinator(command.profile)
-        self.events.put(_Counters(command.ticket, coordinator.stats.as_dict()))
+        self.link.send(Counters(command.ticket, coordinator.stats.as_dict()))
 
-    async def _run(self, command: _Run) -> None:
+    async def _run(self, command: Start) -> None:
         work = command.work
         try:
             coordinator = await self._coordinator(work.profile)
         except Exception as exc:
-            self.events.put(_Failed(self.name, f"run: {_describe(exc)}"))
+            self.link.send(Failed(self.name, f"run: {describe(exc)}"))
             return
         loads: Counter[str] = Counter()
         before = coordinator.stats.as_dict()
         if work.start_at is not None:
-            await asyncio.sleep(max(0.0, work.start_at - time.time()))
+            await sleep_until(work.start_at)
         callers = await asyncio.gather(
             *(
                 self._caller(coordinator, command.ticket, work, i, loads)
@@ -165,7 +138,7 @@ class _Pod:
             loads=dict(loads),
             stats={name: after[name] - before[name] for name in after},
         )
-        self.events.put(_Done(command.ticket, report))
+        self.link.send(Done(command.ticket, report))
 
     async def _caller(
         self,
@@ -201,7 +174,7 @@ class _Pod:
                 await asyncio.sleep(work.cancel_delay)
                 raise
             if work.stall:
-                self.events.put(Loaded(ticket, self.name, key, value))
+                self.link.send(Loaded(ticket, self.name, key, value))
                 await asyncio.wait_for(self._release(ticket).wait(), STALL_LIMIT)
             return value
 

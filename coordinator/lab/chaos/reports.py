@@ -33,10 +33,6 @@ def max_wait(reports: Sequence[Report]) -> float:
     return max((o.seconds for o in outcomes(reports)), default=0.0)
 
 
-def num(value: float | None) -> str:
-    return "-" if value is None else f"{value:.15g}"
-
-
 def same(got: Sequence[float], want: float) -> str:
     counts = Counter(got)
     return f"{len(got)} callers got {want:g}" if set(counts) == {want} else f"values {dict(counts)}"

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import time
 
+from ..table import number
 from .common import LEASE
-from .reports import loads, num, same, stat, values
+from .reports import loads, same, stat, values
 from .table import Run, scenario
 
 
@@ -35,7 +36,7 @@ def _holder_killed(run: Run) -> None:
     run.row.facts.update(
         db_value=db_value, final=final, extra_reads=extra, leases_lost=stat(reports, "leases_lost")
     )
-    run.observe(f"{same(got, db_value)}; {extra} extra DB read; counter {num(final)}")
+    run.observe(f"{same(got, db_value)}; {extra} extra DB read; counter {number(final)}")
 
 
 @scenario(
@@ -80,7 +81,7 @@ def _holder_paused(run: Run) -> None:
         old=old, new=new, final=final, stale_returned=values([late]), written_by_stale=written
     )
     run.observe(
-        f"stale write fenced ({late.stats['fenced_writes']}), counter {num(final)} "
+        f"stale write fenced ({late.stats['fenced_writes']}), counter {number(final)} "
         f"(stale read {old:g}, newer {new:g})"
     )
 
@@ -97,7 +98,7 @@ def _slow_loader(run: Run, *, pods: int, extensions: int, lease: float, delay: f
     final = run.env.counter(key)
     run.check(final == db_value, f"counter {final}, not {db_value}")
     run.row.facts.update(db_value=db_value, final=final, pods=pods)
-    run.observe(f"{same(got, db_value)}; {reads} DB reads for {pods} pods; counter {num(final)}")
+    run.observe(f"{same(got, db_value)}; {reads} DB reads for {pods} pods; counter {number(final)}")
 
 
 @scenario(

@@ -6,7 +6,7 @@ import statistics
 from collections import Counter
 from collections.abc import Callable, Sequence
 
-from .fleet import Pod
+from ..pods import Pod
 from .messages import Profile, Report
 from .reports import loads, max_wait, outcomes, same, stat, values
 from .table import Run, scenario

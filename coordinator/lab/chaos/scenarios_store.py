@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import time
 
-from .reports import errors, loads, num, values
+from ..table import number
+from .reports import errors, loads, values
 from .table import Run, scenario
 
 
@@ -54,5 +55,5 @@ def _store_restarted(run: Run) -> None:
     )  # fmt: skip
     run.observe(
         f"{errors(reports).count('StoreError')} StoreErrors; {reads} rebuild; counter "
-        f"{num(final)} = {num(second)} + {len(after)} increments"
+        f"{number(final)} = {number(second)} + {len(after)} increments"
     )

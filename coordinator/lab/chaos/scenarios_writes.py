@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import time
 
+from ..pods import Pod
+from ..table import number
 from .common import LEASE, SLACK
-from .fleet import Pod, Ticket
+from .fleet import Ticket
 from .messages import Profile
-from .reports import errors, loads, max_wait, num, values
+from .reports import errors, loads, max_wait, values
 from .table import Run, scenario
 from .tcp_proxy import TcpProxy
 
@@ -70,7 +72,7 @@ def _reset_during_rebuild(run: Run) -> None:
     run.observe(
         f"pre-reset read never written ({stale.stats['fenced_writes']} fenced); readers after "
         f"the reset read 0 while the doomed lease was held, 0 leases lost; counter "
-        f"{num(final)} = 0 + 2"
+        f"{number(final)} = 0 + 2"
     )
 
 
@@ -141,5 +143,5 @@ def _store_reply_lost(run: Run) -> None:
     run.observe(
         f"{dropped} replies dropped: {len(values(reports))} increments returned, "
         f"{errors(reports).count('StoreError')} StoreErrors; "
-        f"counter {num(final)} (exactly {num(exact)})"
+        f"counter {number(final)} (exactly {number(exact)})"
     )

@@ -4,7 +4,6 @@ scenarios, and running and printing them."""
 from __future__ import annotations
 
 import contextlib
-import textwrap
 import time
 import uuid
 from collections import Counter
@@ -15,12 +14,15 @@ from typing import Any
 import asyncpg
 from redis.exceptions import RedisError
 
-from ..race import _describe
-from .common import HANG, SLACK, ChaosError, Need, Status
-from .fleet import Fleet, Pod
-from .harness import ChaosEnv, Database
+from ..cliargs import describe
+from ..pods import Pod
+from ..servers import Deployment, Need, unreachable
+from ..table import format_table, number
+from .common import HANG, SLACK, ChaosError, Status
+from .database import Database
+from .fleet import Fleet
 from .messages import Profile, Report, Work
-from .reports import loads, max_wait, num, outcomes, stat, values
+from .reports import loads, max_wait, outcomes, stat, values
 
 
 @dataclass
@@ -49,10 +51,14 @@ class Row:
 
 
 class Run:
-    """What a scenario works with: servers, pods, the DB, and its row to fill in."""
+    """What a scenario works with: servers, pods, the DB, and its row to fill in. Its keys
+    and rows are named under ``namespace``."""
 
-    def __init__(self, env: ChaosEnv, fleet: Fleet, db: Database, row: Row) -> None:
+    def __init__(
+        self, env: Deployment, fleet: Fleet, db: Database, row: Row, namespace: str
+    ) -> None:
         self.env = env
+        self.namespace = namespace
         self.fleet = fleet
         self.db = db
         self.row = row
@@ -61,7 +67,7 @@ class Run:
     def key(self, value: float | None = None) -> str:
         """A fresh counter key of this run, and its DB row holding ``value``."""
         self._keys += 1
-        key = f"{self.env.namespace}:{self.row.name}:{self._keys}:{uuid.uuid4().hex[:6]}"
+        key = f"{self.namespace}:{self.row.name}:{self._keys}:{uuid.uuid4().hex[:6]}"
         if value is not None:
             self.db.put(key, value)
         return key
@@ -185,8 +191,9 @@ class Lab:
     the tests both run them through here. Closing it stops the pods and removes the keys
     and rows of the run."""
 
-    def __init__(self, env: ChaosEnv) -> None:
+    def __init__(self, env: Deployment) -> None:
         self.env = env
+        self.namespace = f"chaos:{uuid.uuid4().hex[:10]}"  # every key and row of the run
         self.db = Database(env.servers.pg_dsn)
         _check_reachable(env, self.db)
         self.fleet = Fleet(env.servers.pg_dsn)
@@ -204,7 +211,7 @@ class Lab:
         try:
             spec.fn(self.trial(row))
         except Exception as exc:
-            row.failures.append(f"scenario failed: {_describe(exc)}")
+            row.failures.append(f"scenario failed: {describe(exc)}")
         finally:
             self.env.restore()
             row.seconds = round(time.monotonic() - started, 2)
@@ -218,7 +225,11 @@ class Lab:
     def trial(self, row: Row | str) -> Run:
         """A :class:`Run` for work outside the table (the contention tests)."""
         return Run(
-            self.env, self.fleet, self.db, Row(row, row, "") if isinstance(row, str) else row
+            self.env,
+            self.fleet,
+            self.db,
+            Row(row, row, "") if isinstance(row, str) else row,
+            self.namespace,
         )
 
     def close(self) -> None:
@@ -226,8 +237,8 @@ class Lab:
             self.fleet.close()
         finally:
             with contextlib.suppress(RedisError, OSError, asyncpg.PostgresError):
-                self.env.cleanup()
-                self.db.cleanup(self.env.namespace)
+                self.env.remove(self.namespace)
+                self.db.cleanup(self.namespace)
 
     def __enter__(self) -> Lab:
         return self
@@ -236,27 +247,20 @@ class Lab:
         self.close()
 
 
-def run_table(env: ChaosEnv, names: Sequence[str] | None = None) -> list[Row]:
+def run_table(env: Deployment, names: Sequence[str] | None = None) -> list[Row]:
     """Every scenario (or those named) on ``env``, in table order."""
     with Lab(env) as lab:
         return [lab.run(name) for name in names or list(SCENARIOS)]
 
 
-def _check_reachable(env: ChaosEnv, db: Database) -> None:
+def _check_reachable(env: Deployment, db: Database) -> None:
     try:
         db.setup()
     except Exception as exc:
-        raise ChaosError(
-            f"cannot use PostgreSQL at {env.servers.pg_dsn}: {_describe(exc)}"
-        ) from exc
-    for role, url in [("counter store", env.servers.redis_url)] + [
-        ("lock master", url) for url in env.servers.lock_urls
-    ]:
-        try:
-            with env.client(url) as client:
-                client.ping()
-        except RedisError as exc:
-            raise ChaosError(f"cannot reach the {role} at {url}: {_describe(exc)}") from exc
+        raise ChaosError(f"cannot use PostgreSQL at {env.servers.pg_dsn}: {describe(exc)}") from exc
+    problem = unreachable(env.servers)
+    if problem is not None:
+        raise ChaosError(problem)
 
 
 _COLUMNS = (
@@ -270,33 +274,22 @@ _COLUMNS = (
 )
 
 
-def format_table(rows: Sequence[Row]) -> str:
+def format_rows(rows: Sequence[Row]) -> str:
     """The rows as a text table, text cells wrapped to fixed widths."""
-
-    lines = ["  ".join(name.ljust(width) for name, width in _COLUMNS).rstrip()]
-    lines.append("  ".join("-" * width for _, width in _COLUMNS))
-    for row in rows:
-        cells = (
+    cells = [
+        (
             row.fault,
             row.expected,
             row.observed,
-            num(row.db_reads),
-            num(row.fenced_writes),
-            num(row.max_wait),
+            number(row.db_reads),
+            number(row.fenced_writes),
+            number(row.max_wait),
             row.status,
         )
-        wrapped = [
-            textwrap.wrap(cell, width) or [""]
-            for cell, (_, width) in zip(cells, _COLUMNS, strict=True)
-        ]
-        for line in range(max(len(cell) for cell in wrapped)):
-            lines.append(
-                "  ".join(
-                    (cell[line] if line < len(cell) else "").ljust(width)
-                    for cell, (_, width) in zip(wrapped, _COLUMNS, strict=True)
-                ).rstrip()
-            )
-        lines.append("")
+        for row in rows
+    ]
+    header, widths = zip(*_COLUMNS, strict=True)
+    table = format_table(header, cells, widths=widths, spaced=True)
     counts = Counter(row.status for row in rows)
-    lines.append(", ".join(f"{counts[s]} {s}" for s in ("pass", "FAIL", "skip") if counts[s]))
-    return "\n".join(lines)
+    summary = ", ".join(f"{counts[s]} {s}" for s in ("pass", "FAIL", "skip") if counts[s])
+    return "\n\n".join([table, summary]) if rows else "\n".join([table, summary])

@@ -1,0 +1,168 @@
+"""The servers a lab command runs on: those given by URL, plus embedded ones (a counter store,
+three lock masters, PostgreSQL) for whatever is missing, with handles on the embedded ones
+for the commands that inject faults into them."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from redis import Redis
+from redis.exceptions import RedisError
+
+from .cliargs import CommandError, describe
+from .embedded import EmbeddedServerError, EmbeddedServers, PostgresServer, RedisServer
+
+#: A server a fault needs a handle on: the counter store, the lock masters, PostgreSQL.
+Need = Literal["store", "masters", "postgres"]
+
+
+class ServersError(CommandError):
+    """The embedded servers could not be started."""
+
+
+@dataclass(frozen=True)
+class Servers:
+    redis_url: str
+    lock_urls: tuple[str, ...]
+    pg_dsn: str
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """The servers to run on, and handles on the embedded ones (None or empty for those
+    given by URL), for callers that kill, pause or restart them."""
+
+    servers: Servers
+    store: RedisServer | None = None
+    masters: tuple[RedisServer, ...] = ()
+    postgres: PostgresServer | None = None
+
+    @classmethod
+    def embedded(cls, running: EmbeddedServers) -> Deployment:
+        """redis[0] the store, redis[1:4] the lock masters, and the bundle's PostgreSQL."""
+        if running.postgres is None:
+            raise ValueError("a deployment needs PostgreSQL: start the bundle with postgres=True")
+        masters = tuple(running.redis[1:4])
+        return cls(
+            Servers(
+                running.redis[0].url, tuple(server.url for server in masters), running.postgres.dsn
+            ),
+            running.redis[0],
+            masters,
+            running.postgres,
+        )
+
+    def controls(self, need: Need) -> bool:
+        """Whether a fault may be injected into ``need`` (it is embedded, ours to break)."""
+        if need == "store":
+            return self.store is not None
+        if need == "masters":
+            return len(self.masters) >= 3
+        return self.postgres is not None and not self.postgres.external
+
+    def restore(self) -> None:
+        """Bring back whatever a fault killed, paused or stopped."""
+        for server in [*([self.store] if self.store else []), *self.masters]:
+            if server.running:
+                server.resume()
+            else:
+                server.start()
+        if self.postgres is not None and not self.postgres.external:
+            self.postgres.start()
+
+    def client(self, url: str | None = None) -> Redis:
+        """A client on ``url``, by default the counter store."""
+        return Redis.from_url(url or self.servers.redis_url, socket_timeout=5.0)
+
+    def counter(self, key: str) -> float | None:
+        with self.client() as client:
+            raw = client.get(key)
+        return None if raw is None else float(raw)
+
+    @contextlib.contextmanager
+    def watch(self, key: str) -> Iterator[list[float | None]]:
+        """Every value the counter holds while the block runs, polled every 10 ms."""
+        seen: list[float | None] = []
+        done = threading.Event()
+
+        def poll() -> None:
+            with self.client() as client:
+                while not done.is_set():
+                    raw = client.get(key)
+                    seen.append(None if raw is None else float(raw))
+                    done.wait(0.01)
+
+        thread = threading.Thread(target=poll, daemon=True)
+        thread.start()
+        try:
+            yield seen
+        finally:
+            done.set()
+            thread.join(10.0)
+
+    def remove(self, prefix: str) -> None:
+        """Remove every key under ``prefix`` (counters and fence hashes) from the store."""
+        with self.client() as client:
+            doomed = list(client.scan_iter(match=f"{prefix}:*", count=1000))
+            if doomed:
+                client.delete(*doomed)
+
+
+def unreachable(servers: Servers) -> str | None:
+    """Why the counter store or a lock master does not answer (None: they all do)."""
+    for role, url in [("counter store", servers.redis_url)] + [
+        ("lock master", url) for url in servers.lock_urls
+    ]:
+        try:
+            with Redis.from_url(url, socket_timeout=5.0, socket_connect_timeout=5.0) as client:
+                client.ping()
+        except RedisError as exc:
+            return f"cannot reach the {role} at {url}: {describe(exc)}"
+    return None
+
+
+@contextlib.contextmanager
+def started_servers(
+    redis_url: str | None = None,
+    lock_urls: Sequence[str] = (),
+    pg_dsn: str | None = None,
+) -> Iterator[Deployment]:
+    """The servers given, plus embedded ones for whatever is missing (the counter store,
+    three lock masters, PostgreSQL), stopped on exit."""
+    embedded_redis = (0 if redis_url else 1) + (0 if lock_urls else 3)
+    if not embedded_redis and pg_dsn:
+        yield Deployment(Servers(redis_url or "", tuple(lock_urls), pg_dsn))
+        return
+    try:
+        running = EmbeddedServers(redis_count=embedded_redis, postgres=not pg_dsn)
+        running.start()
+    except EmbeddedServerError as exc:
+        raise ServersError(f"cannot start the embedded servers: {exc}") from exc
+    try:
+        spare = iter(running.redis)
+        store = None if redis_url else next(spare)
+        masters = () if lock_urls else tuple(spare)
+        postgres = running.postgres
+        servers = Servers(
+            redis_url or (store.url if store else ""),
+            tuple(lock_urls) or tuple(server.url for server in masters),
+            pg_dsn or (postgres.dsn if postgres else ""),
+        )
+        yield Deployment(servers, store, masters, postgres)
+    finally:
+        running.close()
+
+
+@contextlib.contextmanager
+def server_urls(
+    redis_url: str | None = None,
+    lock_urls: Sequence[str] = (),
+    pg_dsn: str | None = None,
+) -> Iterator[Servers]:
+    """:func:`started_servers` for callers that need only the URLs."""
+    with started_servers(redis_url, lock_urls, pg_dsn) as deployment:
+        yield deployment.servers
