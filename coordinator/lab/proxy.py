@@ -33,8 +33,7 @@ from ..budget.spend_source import PostgresSpendSource
 from ..coordinator import ReseedCoordinator
 from .cliargs import CommandError, add_server_flags, non_negative, positive_int
 from .embedded.process import file_size, free_port, read_since, spawn
-from .servers import Servers
-from .servers import server_urls as race_servers
+from .servers import Servers, server_urls
 
 if TYPE_CHECKING:
     import httpx
@@ -289,7 +288,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 
 def _proxy(args: argparse.Namespace) -> int:
-    with race_servers(args.redis_url, args.lock_url, args.pg_dsn) as servers:
+    with server_urls(args.redis_url, args.lock_url, args.pg_dsn) as servers:
         demo = asyncio.run(seed_demo(servers, key_budget=args.key_budget, cost=args.cost))
         settings = {
             "DEBUG": "1",
