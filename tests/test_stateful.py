@@ -86,7 +86,11 @@ class Pod:
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
         self._thread.start()
-        self.coordinator = self.run(self._build(urls))
+        try:
+            self.coordinator = self.run(self._build(urls))
+        except BaseException:
+            self._stop()
+            raise
 
     @staticmethod
     async def _build(urls: list[str]) -> ReseedCoordinator:
@@ -119,9 +123,12 @@ class Pod:
         try:
             self.run(self.coordinator.aclose())
         finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self._thread.join(HANG)
-            self.loop.close()
+            self._stop()
+
+    def _stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(HANG)
+        self.loop.close()
 
 
 @dataclass
@@ -159,8 +166,12 @@ class FleetMachine(RuleBasedStateMachine):
                 client.flushall()
         self.raw = Redis.from_url(urls[0])
         self.pods: list[Pod] = []
-        for index in range(PODS):
-            self.pods.append(Pod(f"pod-{index}", urls))
+        try:
+            for index in range(PODS):
+                self.pods.append(Pod(f"pod-{index}", urls))
+        except BaseException:
+            self.close()
+            raise
         # Loaders run on the pods' threads; the machine reads what they record.
         self.lock = threading.Lock()
         self.db = dict.fromkeys(KEYS, 100.0)
@@ -505,9 +516,12 @@ class FleetMachine(RuleBasedStateMachine):
             for held in self.held.values():
                 held.call.exception(HANG)
         finally:
-            for pod in self.pods:
-                pod.close()
-            self.raw.close()
+            self.close()
+
+    def close(self) -> None:
+        for pod in self.pods:
+            pod.close()
+        self.raw.close()
 
 
 def _running_totals(base: float, steps: list[float]) -> Iterator[list[float]]:
