@@ -18,9 +18,10 @@ guarantees, as the model states them:
    snapshots. Amounts and DB values are multiples of 1/4, so every sum is exact in both
    Python and INCRBYFLOAT, and the model demands equality.
 2. One DB read per cold miss, fleet-wide (no pod is ever faulted here).
-4. No stale write: a rebuild whose read predates its key's latest reset writes nothing
-   (``fenced_writes`` counts it); it rebuilds in the new generation instead. An expiry is
-   not a reset: a held rebuild's read is still current after one, so it seeds.
+4. No stale write: a rebuild whose read predates its key's latest reset writes nothing.
+   If a rebuild after the reset seeded first, its SET NX finds that counter; else it is
+   fenced out (``fenced_writes`` counts it) and rebuilds in the new generation. An expiry
+   is not a reset: a held rebuild's read is still current after one, so it seeds.
 """
 
 from __future__ import annotations
