@@ -12,7 +12,8 @@ Faults:
 * a pod SIGKILLed before COMMIT or between COMMIT and the counter apply: a spawned process
   that signals an Event at that point and waits there until the parent kills it.
 
-``LAG`` collects, per test, the largest DB - counter seen (printed with ``-s``).
+``LAG`` collects, per test, the largest DB - counter seen and how long it lasted, from the
+first observation of a lag to the drain that closed it (printed with ``-s``; never asserted).
 """
 
 from __future__ import annotations
@@ -21,17 +22,19 @@ import asyncio
 import multiprocessing
 import os
 import signal
-from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from multiprocessing.synchronize import Event
 from typing import Any
 
 import pytest
 from redis.asyncio import Redis
+from redis.crc import key_slot
 
-from coordinator import ReseedCoordinator
+from coordinator import InvalidKeyError, ReseedCoordinator, SourceError
 from coordinator.budget import BudgetGuard, Entity, EntityLike, PostgresSpendSource, Scope
 from coordinator.budget.spend_source import OutboxLag
+from coordinator.keys import applied_key
 from coordinator.lab.embedded import EmbeddedServers
 from coordinator.lab.embedded.redis_server import RedisServer
 
@@ -45,13 +48,16 @@ CHILD_TIMEOUT = 30.0
 GUARD_OPTIONS: dict[str, Any] = {"write_mode": "ledger", "drain_after": 0.001}
 
 LAG: dict[str, float] = {}
+LAG_SECONDS: dict[str, float] = {}
 
 
 @pytest.fixture(autouse=True)
 def _report_lag(request: pytest.FixtureRequest) -> Iterator[None]:
     yield
-    if request.node.name in LAG:
-        print(f"\nLAG {request.node.name}: largest DB - counter {LAG[request.node.name]:g}")
+    name = request.node.name
+    if name in LAG:
+        lasted = f" for {LAG_SECONDS[name]:.3f}s" if name in LAG_SECONDS else ""
+        print(f"\nLAG {name}: largest DB - counter {LAG[name]:g}{lasted}")
 
 
 @pytest.fixture
@@ -62,30 +68,33 @@ async def entities(source: PostgresSpendSource) -> None:
     await source.pool.execute("UPDATE budget_entity SET spend = 10")
 
 
-class StallAfterCommit(PostgresSpendSource):
-    """The shipped source; once armed, its next ``record`` SIGSTOPs the counter store right
-    after the COMMIT, so the guard's counter write meets a stopped server."""
+class FaultAfterCommit(PostgresSpendSource):
+    """The shipped source; its next ``record`` after ``arm(fault)`` runs ``fault`` (on the
+    counter store's server) right after the COMMIT, before the guard's counter write."""
 
-    def __init__(self, pool: Any, server: RedisServer) -> None:
+    def __init__(self, pool: Any) -> None:
         super().__init__(pool)
-        self.server = server
-        self.armed = False
+        self.fault: Callable[[], None] | None = None
+
+    def arm(self, fault: Callable[[], None]) -> None:
+        self.fault = fault
 
     async def record(self, request_id: str, entities: Iterable[EntityLike], cost: float) -> bool:
         committed = await super().record(request_id, entities, cost)
-        if self.armed:
-            self.armed = False
-            self.server.pause()
+        fault, self.fault = self.fault, None
+        if fault is not None:
+            fault()
         return committed
 
 
 @dataclass
 class Fleet:
     guard: BudgetGuard
-    source: StallAfterCommit
+    source: FaultAfterCommit
     server: RedisServer
     store: Redis
     name: str
+    lag_since: float | None = None
 
     async def gaps(self) -> list[float]:
         """DB - counter of every entity (a missing counter is rebuilt first, through the
@@ -103,15 +112,19 @@ class Fleet:
         gaps = await self.gaps()
         assert min(gaps) >= 0, f"a counter exceeds its committed spend: DB - counter {gaps}"
         LAG[self.name] = max(LAG.get(self.name, 0.0), *gaps)
+        if max(gaps) > 0 and self.lag_since is None:
+            self.lag_since = asyncio.get_running_loop().time()
 
     async def settled(self) -> None:
         """After a drain: every counter equals its committed spend, the outbox is empty."""
         await self.guard.drain()
         assert await self.gaps() == [0.0, 0.0]
         assert await self.source.outbox_lag() == OutboxLag(0, None)
+        if self.lag_since is not None:
+            LAG_SECONDS[self.name] = asyncio.get_running_loop().time() - self.lag_since
 
     async def stalled_record(self, request_id: str) -> None:
-        self.source.armed = True
+        self.source.arm(self.server.pause)
         try:
             recorded = await self.guard.record(request_id, ENTITIES, COST)
         finally:
@@ -132,10 +145,10 @@ async def fleet(
     coordinator = ReseedCoordinator.from_urls(
         server.url, lock_urls=[s.url for s in own_servers.redis[1:4]], socket_timeout=0.5
     )
-    stalling = StallAfterCommit(source.pool, server)
-    guard = BudgetGuard(coordinator, stalling, **GUARD_OPTIONS)
+    faulty = FaultAfterCommit(source.pool)
+    guard = BudgetGuard(coordinator, faulty, **GUARD_OPTIONS)
     store = Redis.from_url(server.url)
-    found = Fleet(guard, stalling, server, store, request.node.name)
+    found = Fleet(guard, faulty, server, store, request.node.name)
     # A warm pod: counters cached, the apply script loaded (a stalled EVALSHA of a script
     # the server never saw would fail with NOSCRIPT and hide the fault).
     await found.guard.record("warm-up", ENTITIES, 1.0)
@@ -172,6 +185,61 @@ async def test_a_store_stall_then_expiry_and_rebuild_then_a_retry(fleet: Fleet) 
     assert retry.duplicate
     await fleet.observe()
     await fleet.settled()
+
+
+async def test_a_store_restart_between_commit_and_the_counter_write(fleet: Fleet) -> None:
+    fleet.source.arm(fleet.server.restart)  # SIGKILL, then a new empty server on the port
+
+    recorded = await fleet.guard.record("r1", ENTITIES, COST)
+
+    assert recorded.spends == (None, None)  # the counters went with the old server
+    await fleet.store.connection_pool.disconnect()  # the test's own client: stale too
+    await fleet.observe()  # rebuilt from the DB, r1 marked counted by the seeds
+    await fleet.settled()
+
+
+async def test_a_failed_db_transaction_counts_nothing(fleet: Fleet) -> None:
+    async def broken(conn: Any, entities: Sequence[Entity], cost: float) -> None:
+        await conn.execute("UPDATE no_such_table SET spend = spend + $1", cost)
+
+    failing = BudgetGuard(
+        fleet.guard._coordinator,
+        PostgresSpendSource(fleet.source.pool, write_spend=broken),
+        **GUARD_OPTIONS,
+    )
+    with pytest.raises(SourceError):
+        await failing.record("r1", ENTITIES, COST)
+
+    assert await fleet.source.pending("r1") == []
+    await fleet.observe()
+    await fleet.settled()
+    assert (await fleet.guard.record("r1", ENTITIES, COST)).duplicate is False
+
+
+async def test_the_background_drainer_applies_what_a_dead_pod_left(
+    fleet: Fleet, source: PostgresSpendSource
+) -> None:
+    assert await source.record("r1", ENTITIES, COST)  # committed; its pod died right here
+    await fleet.observe()
+    assert LAG[fleet.name] == COST
+
+    options = {**GUARD_OPTIONS, "drain_interval": 0.01}
+    async with BudgetGuard(fleet.guard._coordinator, source, **options) as drainer:
+        for _ in range(1000):
+            if await source.outbox_lag() == OutboxLag(0, None):
+                break
+            await asyncio.sleep(0.01)
+        assert drainer.stats.drained == 2
+    await fleet.settled()
+
+
+def test_markers_share_their_counters_cluster_slot() -> None:
+    for key in ["litellm:spend:team:t", "{litellm}:spend:key:k", "a{b}c"]:
+        assert key_slot(applied_key(key, "r1").encode()) == key_slot(key.encode())
+    # No tag can match a key with an empty brace pair: the marker still starts with the key.
+    assert applied_key("a{}b", "r1").startswith("a{}b\x1f")
+    with pytest.raises(InvalidKeyError):
+        applied_key("k", "has space")
 
 
 # -- pods killed mid-record -----------------------------------------------------------------
