@@ -12,9 +12,10 @@ after the hash expires or the server loses its data: a holder paused for a long 
 never find its old token current again.
 
 Counters that take spends exactly once (:meth:`CounterStore.apply`) also have one marker
-per counted spend, ``applied_key(K, spend_id)``: it exists only while that spend is counted
-in ``K``. Exactly two scripts set it: the apply that adds the spend, and the seed whose
-value was read from a snapshot that already includes it.
+per counted spend, ``applied_key(K, spend_id)``, set only when ``K``'s value includes that
+spend, by exactly two scripts: the apply that adds it, and the seed whose value was read
+from a snapshot that includes it. A marker may outlive ``K``: any later rebuild of ``K``
+reads a source that includes the spend too.
 """
 
 from __future__ import annotations
@@ -62,21 +63,15 @@ local function is_counter(s) return plain(s) and finite(tonumber(s)) end
 """
 
 # Miss path: the counter (if it appeared) and the generation that names the lease.
-_PROBE = (
-    _ENSURE_FENCE
-    + """
+_PROBE = _ENSURE_FENCE + """
 return {redis.call('GET', KEYS[1]), redis.call('HGET', fence, 'g')}
 """
-)
 
 # Winner: a new fencing token, and the re-check of the counter, in one round trip.
-_TOKEN = (
-    _ENSURE_FENCE
-    + """
+_TOKEN = _ENSURE_FENCE + """
 local token = redis.call('HINCRBY', fence, 't', 1)
 return {token, redis.call('GET', KEYS[1])}
 """
-)
 
 # Fenced SET NX: write only if the counter is absent and our token is still the newest;
 # announce a write on the counter's channel so that waiting losers wake at once.
@@ -99,9 +94,7 @@ return {'won', ARGV[1]}
 # Increments never create a counter: a partial counter would win every later SET NX.
 # The current value must pass the grammar of values.parse_stored first: INCRBYFLOAT would
 # happily rewrite hex or an out-of-range exponent, turning a corrupt counter into a number.
-_INCREMENT = (
-    LUA_COUNTER_GRAMMAR
-    + """
+_INCREMENT = LUA_COUNTER_GRAMMAR + """
 local current = redis.call('GET', KEYS[1])
 if not current then return false end
 if not is_counter(current) then
@@ -112,19 +105,15 @@ local ttl = tonumber(ARGV[2])
 if ttl > 0 then redis.call('PEXPIRE', KEYS[1], ttl) end
 return value
 """
-)
 
 # Bumping the token fences out every rebuild in flight; bumping the generation gives
 # readers after the reset a fresh lease instead of the doomed holder's.
-_RESET = (
-    _ENSURE_FENCE
-    + """
+_RESET = _ENSURE_FENCE + """
 redis.call('HINCRBY', fence, 't', 1)
 local generation = redis.call('HINCRBY', fence, 'g', 1)
 redis.call('DEL', KEYS[1])
 return generation
 """
-)
 
 
 # The fenced seed of a Snapshot: _SEED, then, only if it wrote the value, the markers of the
@@ -236,15 +225,8 @@ class CounterStore:
     async def seed(self, key: str, value: float, token: int, ttl: float | None) -> SeedOutcome:
         """Fenced SET NX of ``value`` under ``token``; a :class:`~coordinator.values.Snapshot`
         marks the spends it includes applied in the same script."""
-        keys, args = (
-            [key, fence_key(key)],
-            [
-                format_value(value),
-                str(token),
-                ms_text(ttl),
-                seed_channel(key),
-            ],
-        )
+        keys = [key, fence_key(key)]
+        args = [format_value(value), str(token), ms_text(ttl), seed_channel(key)]
         script = self._seed
         if isinstance(value, Snapshot) and value.applied:
             script = self._seed_applied

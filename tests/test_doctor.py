@@ -177,7 +177,9 @@ async def test_report_row_by_row(deployment: Deployment, store: Redis) -> None:
     assert report.summary_line().endswith("; outbox: 0 unapplied")
 
 
-async def test_given_queries_check_only_their_scopes(deployment: Deployment, store: Redis) -> None:
+async def test_given_queries_check_only_their_scopes(
+    deployment: Deployment, store: Redis
+) -> None:
     conn = await asyncpg.connect(deployment.dsn)
     try:
         # A schema of one's own, where the 8x counter is right: the query given is the one used.
