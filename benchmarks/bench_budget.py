@@ -66,7 +66,7 @@ async def _time(call: Callable[[], Awaitable[object]], iterations: int) -> float
 async def bench(url: str, rounds: int, iterations: int) -> dict[str, float]:
     """Median microseconds per call of each variant."""
     async with ReseedCoordinator.from_urls(url) as coordinator:
-        guard = BudgetGuard(coordinator, ConstantSource(), write_mode="ledger", namespace="bench")
+        guard = BudgetGuard(coordinator, ConstantSource(), write_mode="lagging", namespace="bench")
         client = coordinator.store
         keys = [guard.key(scope, entity_id) for scope, entity_id, _ in ENTITIES]
         for key in keys:

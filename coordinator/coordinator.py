@@ -55,8 +55,8 @@ from .lock import LeaseManager, QuorumUnavailable, lock_client
 from .observe import MissRole, Observer
 from .singleflight import SingleFlight
 from .stats import Stats
-from .store import CounterStore
-from .values import check_amount, check_loaded, parse_stored, positive_seconds
+from .store import ApplyOutcome, CounterStore, OnMissing
+from .values import Snapshot, check_amount, check_loaded, parse_stored, positive_seconds
 from .wakeup import SeedSignals, Watch
 
 log = logging.getLogger(__name__)
@@ -256,6 +256,31 @@ class ReseedCoordinator:
                 self._count("timeouts")
                 raise ReseedTimeoutError(f"could not increment {key!r} within {budget}s", key=key)
             await self._reseed(key, loader, remaining)
+
+    async def apply_once(
+        self,
+        key: str,
+        amount: float,
+        spend_id: str,
+        *,
+        window: float,
+        on_missing: OnMissing = "fence",
+    ) -> ApplyOutcome:
+        """Add ``amount`` to the counter once per ``spend_id``: an add, or a seed from a
+        :class:`~coordinator.values.Snapshot` naming it, makes every later apply of that
+        id within ``window`` seconds a no-op. A missing counter is never created;
+        ``on_missing="fence"`` (the source holds the spend already) fences out every rebuild
+        in flight, whose read may predate the spend, ``"mark"`` remembers the id (the caller
+        adds the spend to a rebuilt counter itself)."""
+        key = validate_key(key)
+        amount = check_amount(amount, key)
+        marker_ttl = positive_seconds("window", window)
+        if on_missing not in ("fence", "mark"):
+            raise ConfigurationError(f"on_missing must be 'fence' or 'mark', got {on_missing!r}")
+        self._check_open()
+        return await self._guard(
+            self._store.apply(key, spend_id, amount, self._ttl, marker_ttl, on_missing)
+        )
 
     async def reset(self, key: str) -> None:
         """Delete the counter and fence out every rebuild of it in flight, fleet-wide."""
@@ -467,7 +492,9 @@ class ReseedCoordinator:
         finally:
             if self._observer is not None:
                 self._observer.on_loader(asyncio.get_running_loop().time() - started)
-        return check_loaded(raw, key)
+        value = check_loaded(raw, key)
+        # A Snapshot travels on to the seed, which marks the spends it includes.
+        return raw if isinstance(raw, Snapshot) else value
 
     # -- helpers -------------------------------------------------------------------------
 

@@ -58,3 +58,22 @@ def lease_name(key: str, generation: int) -> str:
     behind a rebuild that the reset has already doomed.
     """
     return f"{key}{_SEP}lease{_SEP}{generation}"
+
+
+def same_slot_prefix(key: str) -> str:
+    """``key`` as the prefix of its companion keys, chosen so that they share its Redis
+    Cluster hash slot where possible: a key without braces becomes ``{key}`` (its tag is the
+    whole key, so it hashes as the key does); a key with a hash tag stays as it is (its tag
+    stays the first one in every companion). A key with an empty or unclosed brace pair
+    hashes as a whole, which no longer key can match: it stays as it is too.
+    """
+    return f"{{{key}}}" if "{" not in key and "}" not in key else key
+
+
+def applied_key(key: str, spend_id: str) -> str:
+    """The marker saying that spend ``spend_id`` is already counted in counter ``key``.
+
+    ``spend_id`` must be a valid key fragment (no whitespace or control characters).
+    """
+    validate_key(spend_id)
+    return f"{same_slot_prefix(key)}{_SEP}applied{_SEP}{spend_id}"

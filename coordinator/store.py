@@ -10,6 +10,12 @@ fields: ``t``, the last fencing token granted, and ``g``, the reset generation. 
 from the server clock in microseconds when the hash is created, so tokens keep growing even
 after the hash expires or the server loses its data: a holder paused for a long time can
 never find its old token current again.
+
+Counters that take spends exactly once (:meth:`CounterStore.apply`) also have one marker
+per counted spend, ``applied_key(K, spend_id)``, set only when ``K``'s value includes that
+spend, by exactly two scripts: the apply that adds it, and the seed whose value was read
+from a snapshot that includes it. A marker may outlive ``K``: any later rebuild of ``K``
+reads a source that includes the spend too.
 """
 
 from __future__ import annotations
@@ -23,8 +29,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 
 from .errors import CorruptCounterError, InvalidValueError, StoreError, WrongTypeError
-from .keys import fence_key, seed_channel
-from .values import format_value, ms_text, parse_stored
+from .keys import applied_key, fence_key, seed_channel
+from .values import Snapshot, format_value, ms_text, parse_stored
 
 T = TypeVar("T")
 
@@ -110,6 +116,60 @@ return generation
 """
 
 
+# The fenced seed of a Snapshot: _SEED, then, only if it wrote the value, the markers of the
+# spends that value includes (KEYS[3..], ARGV[5] their expiry in ms). Atomic with the write,
+# so no apply of those spends can slip between them; a seed that finds the counter present
+# or is fenced writes no marker, since its value is not the one counted.
+_SEED_APPLIED = (
+    "local outcome = (function()\n"
+    + _SEED
+    + """end)()
+if outcome[1] == 'won' then
+  for i = 3, #KEYS do redis.call('SET', KEYS[i], '1', 'PX', ARGV[5]) end
+end
+return outcome
+"""
+)
+
+# Exactly-once add: _INCREMENT, unless the spend's marker (KEYS[3]) says it is counted
+# already; the marker is set with the add (ARGV[3]: its expiry in ms). A missing counter
+# is never created. ARGV[4] says what the caller needs then: 'fence' (the spend is in the
+# source already, so a rebuild whose read predates it must not seed: the token is bumped
+# and no marker set, a later seed reads the spend) or 'mark' (the caller adds the spend to
+# a rebuilt counter itself: the marker makes a retry a duplicate).
+_APPLY = (
+    """if redis.call('EXISTS', KEYS[3]) == 1 then return {'duplicate', false} end
+local value = (function()
+"""
+    + _INCREMENT
+    + """end)()
+if type(value) == 'table' then return value end  -- _INCREMENT's error reply: nothing written
+if value then
+  redis.call('SET', KEYS[3], '1', 'PX', ARGV[3])
+  return {'applied', value}
+end
+if ARGV[4] == 'mark' then
+  redis.call('SET', KEYS[3], '1', 'PX', ARGV[3])
+elseif redis.call('EXISTS', KEYS[2]) == 1 then
+  redis.call('HINCRBY', KEYS[2], 't', 1)
+end
+return {'missing', false}
+"""
+)
+
+OnMissing = Literal["fence", "mark"]
+
+
+@dataclass(frozen=True)
+class ApplyOutcome:
+    """What an exactly-once add did: ``applied`` (``value`` is the new counter),
+    ``duplicate`` (the spend was counted already: nothing added) or ``missing`` (no
+    counter: nothing added)."""
+
+    result: Literal["applied", "duplicate", "missing"]
+    value: float | None = None
+
+
 @dataclass(frozen=True)
 class SeedOutcome:
     """What the fenced seed did: ``won`` wrote ``value``; ``present`` found ``value``
@@ -136,6 +196,8 @@ class CounterStore:
         self._seed = client.register_script(_SEED)
         self._increment = client.register_script(_INCREMENT)
         self._reset = client.register_script(_RESET)
+        self._seed_applied = client.register_script(_SEED_APPLIED)
+        self._apply = client.register_script(_APPLY)
 
     async def read(self, key: str) -> float | None:
         """The hot path: one GET."""
@@ -161,13 +223,18 @@ class CounterStore:
         return int(token), None if raw is None else parse_stored(raw, key)
 
     async def seed(self, key: str, value: float, token: int, ttl: float | None) -> SeedOutcome:
-        """Fenced SET NX of ``value`` under ``token``."""
+        """Fenced SET NX of ``value`` under ``token``; a :class:`~coordinator.values.Snapshot`
+        marks the spends it includes applied in the same script."""
+        keys = [key, fence_key(key)]
+        args = [format_value(value), str(token), ms_text(ttl), seed_channel(key)]
+        script = self._seed
+        if isinstance(value, Snapshot) and value.applied:
+            script = self._seed_applied
+            keys += [applied_key(key, spend_id) for spend_id in value.applied]
+            args.append(ms_text(value.applied_ttl))
         result, raw, *rest = await self._call(
             key,
-            lambda: self._seed(
-                keys=[key, fence_key(key)],
-                args=[format_value(value), str(token), ms_text(ttl), seed_channel(key)],
-            ),
+            lambda: script(keys=keys, args=args),
             idempotent=True,  # a replay finds its own write "present", or is fenced again
         )
         kind = _text(result)
@@ -183,6 +250,31 @@ class CounterStore:
             key, lambda: self._increment(keys=[key], args=[format_value(amount), ms_text(ttl)])
         )
         return None if raw is None else parse_stored(raw, key)
+
+    async def apply(
+        self,
+        key: str,
+        spend_id: str,
+        amount: float,
+        ttl: float | None,
+        marker_ttl: float,
+        on_missing: OnMissing,
+    ) -> ApplyOutcome:
+        """Add spend ``spend_id`` to the counter unless it is counted already (see
+        ``_APPLY``; ``marker_ttl``: how long the spend is remembered)."""
+        marker = applied_key(key, spend_id)
+        kind, raw = await self._call(
+            key,
+            lambda: self._apply(
+                keys=[key, fence_key(key), marker],
+                args=[format_value(amount), ms_text(ttl), ms_text(marker_ttl), on_missing],
+            ),
+            idempotent=True,  # the marker makes a replay a duplicate
+        )
+        result = _text(kind)
+        if result == "applied":
+            return ApplyOutcome("applied", parse_stored(raw, key))
+        return ApplyOutcome("duplicate" if result == "duplicate" else "missing")
 
     async def reset(self, key: str) -> int:
         """Fence out every rebuild in flight and delete the counter; the new generation."""

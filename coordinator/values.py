@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable
 
 from .errors import ConfigurationError, CorruptCounterError, InvalidValueError
 
@@ -79,3 +80,25 @@ def positive_seconds(name: str, value: object) -> float:
 def ms_text(seconds: float | None) -> str:
     """Seconds as whole milliseconds for a script argument ("0": no expiry)."""
     return "0" if seconds is None else str(max(1, round(seconds * 1000)))
+
+
+class Snapshot(float):
+    """A loader's value that also names the increments it already includes.
+
+    Read the value and the ids of the increments committed in it but not yet applied to the
+    counter from one consistent snapshot of the source: the seed that writes the value marks
+    those ids applied in the same script (each marker lives ``applied_ttl`` seconds), so a
+    late :meth:`~coordinator.ReseedCoordinator.apply_once` of any of them adds nothing.
+    A float, so that any loader may return one and whoever reads the value needs no change.
+    """
+
+    applied: tuple[str, ...]
+    applied_ttl: float
+
+    def __new__(
+        cls, value: float, applied: Iterable[str] = (), applied_ttl: float = 600.0
+    ) -> Snapshot:
+        snapshot = super().__new__(cls, value)
+        snapshot.applied = tuple(applied)
+        snapshot.applied_ttl = positive_seconds("applied_ttl", applied_ttl)
+        return snapshot

@@ -14,6 +14,7 @@ import pytest
 from redis.asyncio import Redis
 
 from coordinator import ReseedCoordinator
+from coordinator.budget.spend_source import PostgresSpendSource
 from coordinator.lab.embedded import EmbeddedServers
 
 CoordFactory = Callable[..., ReseedCoordinator]
@@ -83,3 +84,16 @@ async def make_own_coordinator(own_servers: EmbeddedServers) -> AsyncIterator[Co
     make, close = _factory(own_servers)
     yield make
     await close()
+
+
+@pytest.fixture
+async def source(servers: EmbeddedServers) -> AsyncIterator[PostgresSpendSource]:
+    """The spend source on the session's PostgreSQL: the shipped schema, every table empty."""
+    assert servers.postgres is not None
+    spend = await PostgresSpendSource.connect(servers.postgres.dsn, max_size=6)
+    await spend.install_schema()
+    await spend.pool.execute(
+        "TRUNCATE budget_entity, team_member, api_key, spend_ledger, spend_outbox"
+    )
+    yield spend
+    await spend.aclose()

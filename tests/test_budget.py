@@ -7,7 +7,7 @@ with events, so the interleaving is forced, not hoped for.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import pytest
@@ -55,11 +55,11 @@ ENTITIES: list[tuple[Scope, EntityId]] = [
 ]
 
 
-class Gate:
-    """A spend source whose reads can be held after they read the DB."""
+class Gate(PostgresSpendSource):
+    """The shipped source, whose rebuild reads (snapshots) can be held after they read."""
 
     def __init__(self, inner: PostgresSpendSource) -> None:
-        self.inner = inner
+        super().__init__(inner.pool)
         self.reads = 0
         self.read_done = asyncio.Event()
         self.release = asyncio.Event()
@@ -68,12 +68,17 @@ class Gate:
     def hold(self) -> None:
         self.release.clear()
 
-    async def fetch(self, scope: Scope, entity_id: EntityId) -> float:
+    async def snapshot(self, scope: Scope, entity_id: EntityId) -> tuple[float, list[str]]:
         self.reads += 1
-        value = await self.inner.fetch(scope, entity_id)
+        value = await super().snapshot(scope, entity_id)
         self.read_done.set()
         await asyncio.wait_for(self.release.wait(), 10)
         return value
+
+
+class FetchOnly:
+    async def fetch(self, scope: Scope, entity_id: EntityId) -> float:
+        return 0.0
 
 
 class Recorder:
@@ -86,16 +91,6 @@ class Recorder:
 
     def on_outage(self, policy: str) -> None:
         self.outages.append(policy)
-
-
-@pytest.fixture
-async def source(servers: EmbeddedServers) -> AsyncIterator[PostgresSpendSource]:
-    assert servers.postgres is not None
-    spend = await PostgresSpendSource.connect(servers.postgres.dsn, max_size=6)
-    await spend.install_schema()
-    await spend.pool.execute("TRUNCATE budget_entity, team_member, api_key, spend_ledger")
-    yield spend
-    await spend.aclose()
 
 
 async def _seed_rows(source: PostgresSpendSource, spend: float) -> None:
@@ -294,7 +289,7 @@ async def test_a_missing_row_is_a_clear_error(
     assert not await store.exists(guard.key("team_member", ("t", "nobody")))
 
 
-# -- record_spend -------------------------------------------------------------------------
+# -- record -------------------------------------------------------------------------------
 
 
 async def test_ledger_record_adds_to_present_counters_only_and_once(
@@ -305,16 +300,18 @@ async def test_ledger_record_adds_to_present_counters_only_and_once(
     await store.set(present, "1.5", px=5000)
     request = [("key", "k"), ("team", "t", 9.0)]
 
-    first = await guard.record_spend(request, 0.25, request_id="req-1")
-    again = await guard.record_spend(request, 0.25, request_id="req-1")
+    first = await guard.record("req-1", request, 0.25)
+    again = await guard.record("req-1", request, 0.25)
 
-    assert (first.duplicate, first.spends) == (False, (1.75, None))
+    assert (first.duplicate, first.spends, first.pending) == (False, (1.75, None), 0)
     assert (again.duplicate, again.spends) == (True, (None, None))
     assert await store.get(present) == b"1.75"
     assert await store.pttl(present) > 5000  # refreshed to the coordinator's 60 s TTL
     assert not await store.exists(absent)
     assert guard.stats.duplicates == 1
-    assert (await guard.record_spend(request, 0.25, request_id="req-2")).spends == (2.0, None)
+    assert (await guard.record("req-2", request, 0.25)).spends == (2.0, None)
+    assert await _db_spend(source, "team", "t") == 0.5
+    assert await source.pending("req-1") == []  # applied: the outbox row is gone
 
 
 async def test_lagging_record_rebuilds_a_missing_counter_then_adds(
@@ -324,8 +321,8 @@ async def test_lagging_record_rebuilds_a_missing_counter_then_adds(
     await source.pool.execute("UPDATE budget_entity SET spend = 10 WHERE entity_id = 't'")
     guard = _guard(make_coordinator(), source, write_mode="lagging")
 
-    first = await guard.record_spend([("team", "t")], 2.0, request_id="r")
-    again = await guard.record_spend([("team", "t")], 2.0, request_id="r")
+    first = await guard.record("r", [("team", "t")], 2.0)
+    again = await guard.record("r", [("team", "t")], 2.0)
 
     assert first.spends == (12.0,)
     assert again.duplicate
@@ -340,7 +337,7 @@ async def test_lagging_record_rebuilds_a_missing_counter_then_adds(
         (lambda store, key: store.hset(key, "f", "1"), WrongTypeError),
     ],
 )
-async def test_record_with_a_bad_counter_writes_nothing(
+async def test_record_with_a_bad_counter_serves_the_others_and_leaves_it_pending(
     make_coordinator: CoordFactory,
     store: Redis,
     source: PostgresSpendSource,
@@ -353,12 +350,16 @@ async def test_record_with_a_bad_counter_writes_nothing(
     await setup(store, bad)
 
     with pytest.raises(error) as raised:
-        await guard.record_spend([("key", "k"), ("team", "t")], 1.0, request_id="r")
+        await guard.record("r", [("key", "k"), ("team", "t")], 1.0)
 
     assert raised.value.key == bad  # type: ignore[attr-defined]
-    assert await store.get(good) == b"1"
-    await store.delete(bad)  # fixed: the retry applies, as the marker was never set
-    assert (await guard.record_spend([("key", "k")], 1.0, request_id="r")).spends == (2.0,)
+    assert await store.get(good) == b"2"
+    assert [row.entity for row in await source.pending("r")] == ["team:t"]  # committed
+    await store.delete(bad)  # fixed: the retry settles the row, adding nothing twice
+    again = await guard.record("r", [("key", "k"), ("team", "t")], 1.0)
+    assert (again.duplicate, again.pending) == (True, 0)
+    assert await source.pending("r") == []
+    assert await store.get(good) == b"2"
 
 
 @pytest.mark.parametrize(
@@ -380,7 +381,7 @@ async def test_record_accepts_exactly_the_counters_increment_accepts(
         return "ok"
 
     by_increment = await outcome(coordinator.increment(key, 1.0))
-    by_record = await outcome(guard.record_spend([("key", "k")], 1.0, request_id="r"))
+    by_record = await outcome(guard.record("r", [("key", "k")], 1.0))
     assert by_record == by_increment
 
 
@@ -389,10 +390,11 @@ async def test_record_refuses_a_bad_cost_or_request_id(
 ) -> None:
     guard = _guard(make_coordinator(), source)
     with pytest.raises(InvalidValueError):
-        await guard.record_spend([("key", "k")], float("nan"), request_id="r")
+        await guard.record("r", [("key", "k")], float("nan"))
     with pytest.raises(InvalidKeyError):
-        await guard.record_spend([("key", "k")], 1.0, request_id="")
+        await guard.record("", [("key", "k")], 1.0)
     assert await store.dbsize() == 0
+    assert await source.pool.fetchval("SELECT count(*) FROM spend_ledger") == 0
 
 
 # -- the ledger contract: a spend write racing a rebuild ----------------------------------
@@ -426,10 +428,7 @@ async def test_a_spend_committed_after_a_rebuilds_read_fences_its_seed(
     )
     writer = _guard(make_coordinator(), source)
 
-    async def count() -> None:
-        await writer.record_spend([("team", "t")], 5.0, request_id="r1")
-
-    assert await source.record("r1", [("team", "t")], 5.0, on_locked=count)
+    assert (await writer.record("r1", [("team", "t")], 5.0)).spends == (None,)
     gate.release.set()
 
     assert await rebuild == [10.0]  # its own read: the request was checked before the spend
@@ -438,30 +437,50 @@ async def test_a_spend_committed_after_a_rebuilds_read_fences_its_seed(
     assert await _counter(store, reader.key("team", "t")) == 15.0
 
 
-async def test_a_rebuild_reads_a_spend_write_in_progress_only_after_its_commit(
+class Uncommitted(PostgresSpendSource):
+    """The shipped source whose ``record`` holds its transaction open, after the spend and
+    outbox writes, until ``commit`` is set."""
+
+    def __init__(self, inner: PostgresSpendSource) -> None:
+        super().__init__(inner.pool, write_spend=self._write_and_wait)
+        self.written, self.commit = asyncio.Event(), asyncio.Event()
+
+    async def _write_and_wait(self, conn: Any, entities: Sequence[Entity], cost: float) -> None:
+        await conn.execute("UPDATE budget_entity SET spend = spend + $1", cost)
+        self.written.set()
+        await asyncio.wait_for(self.commit.wait(), 10)
+
+
+async def test_a_rebuild_during_an_uncommitted_write_reads_before_it_and_the_apply_adds(
     make_coordinator: CoordFactory, store: Redis, source: PostgresSpendSource
 ) -> None:
     await source.set_budget("team", "t", 100.0)
     await source.pool.execute("UPDATE budget_entity SET spend = 10")
     reader = _guard(make_coordinator(), source)
-    writer = _guard(make_coordinator(), source)
-    locked, commit = asyncio.Event(), asyncio.Event()
+    holding = Uncommitted(source)
+    writer = _guard(make_coordinator(), holding)
 
-    async def count() -> None:
-        await writer.record_spend([("team", "t")], 5.0, request_id="r1")
-        locked.set()
-        await asyncio.wait_for(commit.wait(), 10)
+    write = asyncio.create_task(writer.record("r1", [("team", "t")], 5.0))
+    await asyncio.wait_for(holding.written.wait(), 10)
+    assert await reader.check([("team", "t", 100.0)]) == [10.0]  # no lock wait: a snapshot
+    holding.commit.set()
 
-    write = asyncio.create_task(source.record("r1", [("team", "t")], 5.0, on_locked=count))
-    await asyncio.wait_for(locked.wait(), 10)
-    rebuild = asyncio.create_task(reader.check([("team", "t", 100.0)]))
-    await asyncio.sleep(0.3)
-    assert not rebuild.done()  # FOR SHARE waits for the writer's row lock
-    commit.set()
+    assert (await write).spends == (15.0,)
+    assert await _counter(store, reader.key("team", "t")) == 15.0 == await source.fetch("team", "t")
 
-    assert await write
-    assert await rebuild == [15.0]
-    assert await _counter(store, reader.key("team", "t")) == 15.0
+
+async def test_a_seed_from_a_snapshot_marks_its_outbox_rows_counted(
+    make_coordinator: CoordFactory, store: Redis, source: PostgresSpendSource
+) -> None:
+    # A pod committed r1 and died before its counter write: the outbox still holds it.
+    await source.record("r1", [("team", "t", 100.0)], 5.0)
+    guard = _guard(make_coordinator(), source, drain_after=0.001)
+
+    assert await guard.check([("team", "t", 100.0)]) == [5.0]  # r1 counted by the seed
+    assert await guard.drain() == 1  # settled: a duplicate, nothing added
+
+    assert await _counter(store, guard.key("team", "t")) == 5.0
+    assert await source.pending("r1") == []
 
 
 async def test_a_reset_during_a_rebuild_keeps_pre_reset_spend_out(
@@ -508,10 +527,13 @@ async def test_outage_policies_when_the_counter_store_is_down(
     with pytest.raises(BudgetExceededError, match="team 't'"):
         await guards["read-through"].check([("team", "t", 10.0), *under])
     assert await guards["read-through"].check(under) == [0.0, None]
+    recorded = await guards["fail-open"].record("r", under, 1.0)  # committed, left to drain
+    assert (recorded.duplicate, recorded.pending) == (False, 2)
     with pytest.raises(BudgetUnavailableError):
-        await guards["fail-open"].record_spend(under, 1.0, request_id="r")
+        await _guard(coordinator, source, "lagging", observer=observer).record("r", under, 1.0)
 
-    assert observer.outages == [*policies, "read-through", "fail-open"]
+    assert observer.outages == [*policies, "read-through", "fail-open", "read-through"]
+    assert guards["fail-open"].stats.left_to_drain == 2
     assert guards["fail-open"].stats.allowed_blind == 1
     assert guards["read-through"].stats.read_through == 2
     assert guards["read-through"].stats.refusals == {"team": 1}
@@ -529,10 +551,14 @@ async def test_bad_configuration_is_refused(
         {"outage_policy": "maybe"},
         {"idempotency_window": 0},
         {"read_through_timeout": float("inf")},
+        {"drain_after": 300.0},  # must be below half the 600 s window
+        {"drain_interval": -1},
     ]
     for options in bad:
         with pytest.raises(ConfigurationError):
             _guard(coordinator, source, **{"write_mode": "ledger", **options})
+    with pytest.raises(ConfigurationError, match="LedgerSource"):
+        _guard(coordinator, FetchOnly(), write_mode="ledger")  # a lagging source's shape
     with pytest.raises(InvalidKeyError):
         _guard(coordinator, source, namespace="has space")
     guard = _guard(coordinator, source)
@@ -545,45 +571,67 @@ async def test_bad_configuration_is_refused(
 async def test_source_records_once_per_request_and_creates_missing_rows(
     source: PostgresSpendSource,
 ) -> None:
-    calls: list[str] = []
-
-    async def counted() -> None:
-        calls.append("locked")
-
     request = [("end_user", "new customer"), ("team_member", ("t", "u")), ("tag", "a")]
-    assert await source.record("r1", request, 1.5, on_locked=counted)
-    assert not await source.record("r1", request, 1.5, on_locked=counted)
+    assert await source.record("r1", request, 1.5)
+    assert not await source.record("r1", request, 1.5)
     assert await source.record("r2", request[:1], 1.0)
 
-    assert calls == ["locked"]
     assert await source.fetch("end_user", "new customer") == 2.5
     assert await source.fetch("team_member", ("t", "u")) == 1.5
     ledger = await source.pool.fetchval("SELECT entities FROM spend_ledger WHERE request_id='r1'")
     assert ledger == ["end_user:new%20customer", "team_member:t:u", "tag:a"]
+    assert sorted((row.entity, row.cost) for row in await source.pending("r1")) == [
+        ("end_user:new%20customer", 1.5),
+        ("tag:a", 1.5),
+        ("team_member:t:u", 1.5),
+    ]
+    spend, unapplied = await source.snapshot("end_user", "new customer")
+    assert (spend, sorted(unapplied)) == (2.5, ["r1", "r2"])
+    await source.reset_spend("end_user", "new customer")  # the reset wipes its outbox rows
+    assert await source.snapshot("end_user", "new customer") == (0.0, [])
 
 
-async def test_source_rolls_back_when_on_locked_fails(source: PostgresSpendSource) -> None:
-    async def fail() -> None:
-        raise RuntimeError("counter write failed")
+async def test_source_commits_nothing_when_the_spend_write_fails(
+    source: PostgresSpendSource,
+) -> None:
+    async def fail(conn: Any, entities: Sequence[Entity], cost: float) -> None:
+        raise RuntimeError("spend write failed")
 
+    failing = PostgresSpendSource(source.pool, write_spend=fail)
     with pytest.raises(RuntimeError):
-        await source.record("r1", [("team", "t")], 1.0, on_locked=fail)
-    with pytest.raises(MissingRowError):
-        await source.fetch("team", "t")
+        await failing.record("r1", [("team", "t")], 1.0)
+    assert await source.pool.fetchval("SELECT count(*) FROM spend_ledger") == 0
+    assert await source.pending("r1") == []
     assert await source.record("r1", [("team", "t")], 1.0)
 
 
 async def test_source_with_queries_for_its_own_schema(servers: EmbeddedServers) -> None:
     assert servers.postgres is not None
     queries = {"team": "SELECT cents / 100.0 FROM own_team WHERE name = $1"}
+
+    async def write_spend(conn: Any, entities: Sequence[Entity], cost: float) -> None:
+        names = [entity.id for entity in entities]
+        await conn.execute(
+            "UPDATE own_team SET cents = cents + $1 WHERE name = ANY($2::text[])",
+            round(cost * 100),
+            names,
+        )
+
     with pytest.raises(ConfigurationError):
         PostgresSpendSource(None, {"project": "SELECT 1"})
-    async with await PostgresSpendSource.connect(servers.postgres.dsn, queries) as own:
+    async with await PostgresSpendSource.connect(
+        servers.postgres.dsn, queries, write_spend=write_spend
+    ) as own:
+        await own.install_schema()  # spend_ledger and spend_outbox, beside your tables
         await own.pool.execute(
             "DROP TABLE IF EXISTS own_team; CREATE TABLE own_team (name text, cents bigint);"
-            "INSERT INTO own_team VALUES ('t', 1234)"
+            "INSERT INTO own_team VALUES ('t', 1234);"
+            "TRUNCATE spend_ledger, spend_outbox"
         )
         assert await own.loader("team", "t")() == 12.34
+        assert await own.snapshot("team", "t") == (12.34, [])
+        assert await own.record("own-1", [("team", "t")], 1.0)
+        assert await own.snapshot("team", "t") == (13.34, ["own-1"])
         with pytest.raises(MissingRowError, match="no team row for 'x'"):
             await own.fetch("team", "x")
         with pytest.raises(ConfigurationError, match="no spend query for scope 'user'"):

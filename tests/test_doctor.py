@@ -20,9 +20,10 @@ import asyncpg
 import pytest
 from redis.asyncio import Redis
 
+from coordinator import ReseedCoordinator
 from coordinator.budget import EntityId, spend_key
 from coordinator.budget.doctor import FIXABLE, Doctor, Report, classify, parse_key
-from coordinator.budget.spend_source import schema_sql
+from coordinator.budget.spend_source import OutboxLag, schema_sql
 from coordinator.lab import cli
 from coordinator.lab.embedded import EmbeddedServers
 
@@ -172,6 +173,8 @@ async def test_report_row_by_row(deployment: Deployment, store: Redis) -> None:
         "fixed": 0,
         "fix_failed": 0,
     }
+    assert report.outbox == OutboxLag(0, None)
+    assert report.summary_line().endswith("; outbox: 0 unapplied")
 
 
 async def test_given_queries_check_only_their_scopes(
@@ -212,6 +215,7 @@ async def test_command_line_json(deployment: Deployment) -> None:
     assert {row["key"]: row["status"] for row in document["counters"]} == FLAGGED
     assert document["summary"]["scanned"] == len(COUNTERS)
     assert document["summary"]["healthy"] == len(COUNTERS) - len(FLAGGED)
+    assert document["outbox"] == {"count": 0, "oldest_age": None}
 
 
 async def test_fix_rebuilds_every_flagged_counter_from_the_db(
@@ -233,6 +237,38 @@ async def test_fix_rebuilds_every_flagged_counter_from_the_db(
     assert [(f.key, f.status) for f in after.findings if f.status != "healthy"] == [
         (spend_key("user", "orphan"), "missing_row")
     ]
+
+
+async def test_outbox_lag_is_reported_and_fix_marks_its_rows_counted(
+    deployment: Deployment, store: Redis
+) -> None:
+    # A pod committed two costs of team "low" (DB 40 includes them) and died before
+    # applying them; the older is 30 s old.
+    conn = await asyncpg.connect(deployment.dsn)
+    try:
+        await conn.execute(
+            "INSERT INTO spend_outbox (entity, request_id, cost, created_at) VALUES "
+            "('team:low', 'r1', 1.5, now() - interval '30 seconds'), ('team:low', 'r2', 2.5, now())"
+        )
+        doctor = Doctor(store, conn, namespace=NS)
+        report = await doctor.scan()
+        assert report.outbox is not None
+        assert report.outbox.count == 2
+        assert (report.outbox.oldest_age or 0) >= 30
+        assert ", oldest 3" in report.summary_line()
+        async with ReseedCoordinator.from_urls(deployment.redis_url) as coordinator:
+            await doctor.fix(
+                [f for f in report.findings if f.key == spend_key("team", "low")], coordinator
+            )
+            key = spend_key("team", "low")
+            assert await store.get(key) == b"40.0"
+            # The seed counted r1 and r2 (the DB has them): their late applies add nothing.
+            for request_id in ("r1", "r2"):
+                late = await coordinator.apply_once(key, 1.0, request_id, window=600.0)
+                assert late.result == "duplicate"
+            assert await store.get(key) == b"40.0"
+    finally:
+        await conn.close()
 
 
 async def test_fix_without_yes_refuses_when_stdin_is_not_a_terminal(
@@ -282,6 +318,9 @@ class CountingDB:
     async def fetch(self, sql: str, *args: Any) -> Any:
         self.queries += 1
         return await self.conn.fetch(sql, *args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.conn, name)  # the outbox lag, once per scan
 
 
 @pytest.mark.parametrize(

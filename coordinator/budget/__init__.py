@@ -1,8 +1,11 @@
 """Budget enforcement on spend counters: what an LLM proxy reads and writes per request.
 
-* :mod:`.guard`: key encoding, :class:`BudgetGuard` (checks, spend recording, resets);
-* :mod:`.spend_source`: :class:`PostgresSpendSource` and the shipped schema;
-* :mod:`.doctor`: scan a deployment's counters against the DB, classify, fix.
+* :mod:`.guard`: key encoding, :class:`BudgetGuard` (checks, exactly-once spend recording
+  through an outbox in ledger mode, the outbox drain, resets) and the ledger contract
+  (:class:`LedgerSource`) a schema of your own must keep;
+* :mod:`.spend_source`: :class:`PostgresSpendSource` (the ledger on PostgreSQL: your spend
+  queries and writer, or the shipped schema's) and the shipped schema;
+* :mod:`.doctor`: scan a deployment's counters against the DB, classify, fix; outbox lag.
 
 Built on the core (:mod:`coordinator`); imports nothing from :mod:`coordinator.lab`.
 """
@@ -18,10 +21,13 @@ from .guard import (
     BudgetObserver,
     BudgetStats,
     BudgetUnavailableError,
+    Claim,
     Entity,
     EntityId,
     EntityLike,
+    LedgerSource,
     OutagePolicy,
+    OutboxRow,
     Overage,
     Scope,
     SpendRecord,
@@ -29,8 +35,9 @@ from .guard import (
     WriteMode,
     as_entity,
     encode_entity_id,
+    entity_ref,
     parse_spend_key,
-    request_key,
+    spend_id,
     spend_key,
 )
 from .spend_source import PostgresSpendSource, schema_sql
@@ -46,10 +53,13 @@ __all__ = [
     "BudgetObserver",
     "BudgetStats",
     "BudgetUnavailableError",
+    "Claim",
     "Entity",
     "EntityId",
     "EntityLike",
+    "LedgerSource",
     "OutagePolicy",
+    "OutboxRow",
     "Overage",
     "PostgresSpendSource",
     "Scope",
@@ -58,8 +68,9 @@ __all__ = [
     "WriteMode",
     "as_entity",
     "encode_entity_id",
+    "entity_ref",
     "parse_spend_key",
-    "request_key",
     "schema_sql",
+    "spend_id",
     "spend_key",
 ]

@@ -22,7 +22,13 @@ status          meaning                                                         
 The checks run in the order garbage, missing_row, inflated, low, no_ttl; a counter gets the
 first that applies. ``--fix`` rebuilds a flagged counter the way a budget reset does: the
 fenced ``reset`` (which also fences out any rebuild in flight), then ``get`` with a loader
-that reads the DB *then*, never the value read during the scan (spend may have moved since).
+that reads the DB *then*, never the value read during the scan (spend may have moved since),
+together with the entity's ``spend_outbox`` rows in the same snapshot, so that the seed marks
+them counted as :class:`~coordinator.budget.BudgetGuard`'s own rebuilds do.
+
+The report also gives the outbox lag (ledger mode): how many committed costs are not yet
+known to be counted on their counters, and the age of the oldest. Rows older than the
+guards' ``drain_after`` plus a drain interval mean that no drainer runs.
 
 Keys are those of :mod:`coordinator.budget` (parsed by its ``parse_spend_key``: percent-encoded
 ids, a ``team_member`` id is ``<team>:<user>``); any other key under the prefix is skipped,
@@ -30,14 +36,15 @@ and so are the coordinator's own keys (with ``\\x1f``).
 
 Queries: one per scope and batch. ``$1`` is a ``text[]`` of ids (``team_member``: ``$1`` the
 team ids, ``$2`` the user ids); the rows are the id column(s), then the value. The default
-queries read the shipped schema (``coordinator/budget/sql/budget_schema.sql``) ``FOR SHARE``, as
-:mod:`coordinator.budget.spend_source` does, so a rebuild waits for a spend write in progress. With
-``--query`` only the scopes given are checked; the counters of the others are skipped.
+queries read the shipped schema (``coordinator/budget/sql/budget_schema.sql``); they must not lock
+rows (``--fix`` runs them in a REPEATABLE READ snapshot). With ``--query`` only the scopes given
+are checked; the counters of the others are skipped.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import re
 from collections import Counter
@@ -46,7 +53,6 @@ from dataclasses import asdict, dataclass, field
 from decimal import Decimal
 from typing import Any, Literal, get_args
 
-import asyncpg
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
@@ -59,8 +65,9 @@ from ..errors import (
     ReseedError,
     SourceError,
 )
-from ..values import parse_stored
-from .guard import SCOPES, EntityId, Scope, parse_spend_key
+from ..values import Snapshot, parse_stored
+from .guard import SCOPES, EntityId, Scope, parse_spend_key, spend_id
+from .spend_source import DB_ERRORS, OutboxLag, outbox_lag, unapplied
 
 Status = Literal["inflated", "low", "no_ttl", "garbage", "missing_row", "healthy"]
 STATUSES: tuple[Status, ...] = get_args(Status)
@@ -78,7 +85,7 @@ _SEPARATOR = b"\x1f"
 
 _ENTITIES = (
     "SELECT entity_id, spend FROM budget_entity "
-    "WHERE scope = '{scope}' AND entity_id = ANY($1::text[]) FOR SHARE"
+    "WHERE scope = '{scope}' AND entity_id = ANY($1::text[])"
 )
 
 #: The shipped schema's batch queries, one per scope.
@@ -87,7 +94,7 @@ BATCH_QUERIES: Mapping[Scope, str] = {
     "team_member": (
         "SELECT m.team_id, m.user_id, m.spend FROM team_member m "
         "JOIN unnest($1::text[], $2::text[]) AS k(team_id, user_id) "
-        "ON m.team_id = k.team_id AND m.user_id = k.user_id FOR SHARE OF m"
+        "ON m.team_id = k.team_id AND m.user_id = k.user_id"
     ),
 }
 
@@ -158,6 +165,7 @@ class Report:
     namespace: str
     findings: list[Finding] = field(default_factory=list)  # healthy ones only if asked
     counts: Counter[str] = field(default_factory=Counter)  # by status, and "skipped"
+    outbox: OutboxLag | None = None  # None: no outbox table (not a ledger deployment)
 
     @property
     def scanned(self) -> int:
@@ -189,12 +197,18 @@ class Report:
             )
         if counts["fixed"] or counts["fix_failed"]:
             line += f"; fixed {counts['fixed']}, {counts['fix_failed']} failed"
+        if self.outbox is not None:
+            oldest = self.outbox.oldest_age
+            line += f"; outbox: {self.outbox.count} unapplied" + (
+                "" if oldest is None else f", oldest {oldest:.1f}s"
+            )
         return line
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "namespace": self.namespace,
             "summary": self.summary(),
+            "outbox": None if self.outbox is None else asdict(self.outbox),
             "counters": [finding.as_dict() for finding in self.findings],
         }
 
@@ -204,7 +218,8 @@ Progress = Callable[[int, int], None]  # (counters scanned, flagged so far)
 
 class Doctor:
     """Scans the counters of ``namespace`` on ``store`` against ``db`` (an asyncpg
-    connection or pool; the doctor issues one query at a time)."""
+    connection or pool; the doctor issues one query at a time). ``idempotency_window`` is
+    the guards': how long the seeds of ``fix`` mark outbox rows counted."""
 
     def __init__(
         self,
@@ -215,6 +230,7 @@ class Doctor:
         queries: Mapping[str, str] | None = None,
         tolerance: float = DEFAULT_TOLERANCE,
         batch: int = DEFAULT_BATCH,
+        idempotency_window: float = 600.0,
     ) -> None:
         unknown = sorted(set(queries or ()) - set(SCOPES))
         if unknown:
@@ -225,6 +241,7 @@ class Doctor:
         self.queries = dict(BATCH_QUERIES if queries is None else queries)
         self.tolerance = tolerance
         self.batch = batch
+        self.idempotency_window = idempotency_window
         self._db_lock = asyncio.Lock()
 
     async def scan(
@@ -243,7 +260,16 @@ class Doctor:
             if progress is not None:
                 progress(report.scanned, report.scanned - report.counts["healthy"])
         report.findings.sort(key=lambda f: (STATUSES.index(f.status), f.key))
+        report.outbox = await self.outbox_lag()
         return report
+
+    async def outbox_lag(self) -> OutboxLag | None:
+        """Outbox rows not yet applied, and the oldest one's age (None: no outbox)."""
+        try:
+            async with self._db_lock:
+                return await outbox_lag(self.db)
+        except DB_ERRORS as exc:
+            raise SourceError(f"the outbox query failed: {type(exc).__name__}: {exc}") from exc
 
     async def fix(
         self,
@@ -271,16 +297,21 @@ class Doctor:
     async def lookup(self, scope: Scope, ids: Sequence[EntityId]) -> dict[EntityId, float]:
         """The DB values of ``ids`` in ``scope`` (ids without a row, or NULL, are absent).
 
-        A failed query raises :class:`~coordinator.cliargs.CommandError` naming the scope."""
+        A failed query raises :class:`~coordinator.errors.SourceError` naming the scope."""
+        async with self._db_lock:
+            return await self._lookup_on(self.db, scope, ids)
+
+    async def _lookup_on(
+        self, db: Any, scope: Scope, ids: Sequence[EntityId]
+    ) -> dict[EntityId, float]:
         sql = self.queries.get(scope)
         if sql is None or not ids:
             return {}
         columns = [list(column) for column in zip(*map(_id_parts, ids), strict=True)]
         width = len(columns)
         try:
-            async with self._db_lock:
-                rows = await self.db.fetch(sql, *columns)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            rows = await db.fetch(sql, *columns)
+        except DB_ERRORS as exc:
             raise SourceError(
                 f"the query for scope {scope!r} failed: {type(exc).__name__}: {exc}\n"
                 f"  query: {sql}\n  give the right one with --query '{scope}=SELECT id, "
@@ -296,11 +327,14 @@ class Doctor:
         return values
 
     def _loader(self, scope: Scope, ident: EntityId) -> Loader:
-        async def load() -> float:
-            values = await self.lookup(scope, [ident])
+        async def load() -> Snapshot:
+            async with self._db_lock, _snapshot_of(self.db) as conn:
+                values = await self._lookup_on(conn, scope, [ident])
+                has_outbox = await conn.fetchval("SELECT to_regclass('spend_outbox')")
+                pending = await unapplied(conn, scope, ident) if has_outbox else []
             if ident not in values:
                 raise MissingRowError(f"no {scope} row for {ident!r} any more")
-            return values[ident]
+            return Snapshot(values[ident], map(spend_id, pending), self.idempotency_window)
 
         return load
 
@@ -365,6 +399,18 @@ class Doctor:
         except CorruptCounterError:
             held = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
             return None, held[:60]
+
+
+@contextlib.asynccontextmanager
+async def _snapshot_of(db: Any) -> AsyncIterator[Any]:
+    """A connection of ``db`` (a pool or a connection) in a read-only REPEATABLE READ
+    transaction: every read in it sees one snapshot."""
+    async with contextlib.AsyncExitStack() as stack:
+        conn = await stack.enter_async_context(db.acquire()) if hasattr(db, "acquire") else db
+        await stack.enter_async_context(
+            conn.transaction(isolation="repeatable_read", readonly=True)
+        )
+        yield conn
 
 
 def _glob_escape(text: str) -> str:

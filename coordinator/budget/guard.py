@@ -10,46 +10,66 @@ its UTF-8 bytes), so an encoded id never holds ``:`` and two ids never share a k
 ``:``. Each id part is 1 to :data:`MAX_ID_BYTES` UTF-8 bytes, which keeps every key, even a
 team member's in a 64-character namespace, under the coordinator's key limit.
 
-Write modes (how :meth:`BudgetGuard.record_spend` treats a missing counter):
+Write modes (what :meth:`BudgetGuard.record` writes):
 
-* ``"ledger"``: the source already holds this cost (a synchronous ledger: the spend row is
-  updated in the request's own transaction). A missing counter is left missing: its next
-  rebuild reads the cost from the source. Any rebuild in flight is fenced out, since its
-  DB read may predate the cost (see :meth:`BudgetGuard.record_spend` for the contract).
-* ``"lagging"``: the source is written later (a batched writer). A missing counter is
-  rebuilt from the source, then the cost is added.
+* ``"ledger"``: the source is the ledger. ``record`` commits the cost to the source, with one
+  outbox row per entity in the same transaction, and only then adds it to the counters,
+  exactly once per request id and counter (a marker per counted request, see
+  :func:`coordinator.keys.applied_key`), deleting the outbox rows it applied. A counter is
+  rebuilt from one snapshot of the source that yields both the entity's spend and the
+  requests in its outbox: the seed marks those counted, so their late applies add nothing,
+  while later commits are not in the snapshot and apply once. Rows left behind (a pod
+  killed after COMMIT, a store stall) are applied by :meth:`BudgetGuard.drain` once they are
+  ``drain_after`` seconds old, from any pod (the source hands each stale row to one drainer
+  at a time). So a counter never exceeds the committed spend, and lags it by at most the
+  outbox rows younger than ``drain_after`` plus a drain interval.
+* ``"lagging"``: the source is written later (a batched writer). ``record`` adds the cost to
+  the counters once per request id; a missing counter is rebuilt from the source, then the
+  cost is added.
+
+The ledger contract, for a schema of your own (:class:`LedgerSource`; the shipped
+:class:`~coordinator.budget.spend_source.PostgresSpendSource` implements it, with your
+spend queries and your spend writer on the shipped ``spend_ledger`` and ``spend_outbox``):
+
+1. ``record`` adds the cost to your spend rows and inserts the outbox rows in one
+   transaction, idempotent per request id (a request id seen before writes nothing);
+2. ``snapshot`` reads an entity's spend and the request ids of its outbox rows in one
+   snapshot (one statement, or a REPEATABLE READ transaction; no ``FOR SHARE``, which
+   would read a newer row than the snapshot's outbox);
+3. ``pending``, ``settle`` and ``claim_stale`` read and delete outbox rows (``claim_stale``
+   locks the rows it returns until its block ends, skipping rows another drainer holds);
+4. a reset of an entity's spend deletes its outbox rows in the same transaction.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import math
 import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, get_args
+from typing import Literal, Protocol, get_args, runtime_checkable
 from urllib.parse import quote, unquote
-
-from redis.exceptions import RedisError, ResponseError
 
 from ..coordinator import Loader, ReseedCoordinator
 from ..errors import (
     ConfigurationError,
-    CorruptCounterError,
     InvalidKeyError,
     InvalidValueError,
     MissingRowError,
     ReseedError,
+    SourceError,
     StoreError,
-    WrongTypeError,
 )
-from ..keys import fence_key, validate_key
+from ..keys import validate_key
 from ..singleflight import SingleFlight
-from ..store import LUA_COUNTER_GRAMMAR
-from ..values import check_amount, format_value, ms_text, parse_stored, positive_seconds
+from ..store import ApplyOutcome
+from ..values import Snapshot, check_amount, positive_seconds
 
 log = logging.getLogger(__name__)
 
@@ -174,10 +194,15 @@ def parse_spend_key(key: str) -> tuple[str, Scope, EntityId]:
     return namespace, _check_scope(parts[2]), _decode_part(parts[3], key)
 
 
-def request_key(request_id: str, namespace: str = DEFAULT_NAMESPACE) -> str:
-    """The idempotency marker of a request: ``<namespace>:spend-request:<encoded id>``."""
-    encoded = _encode_part(request_id, "request_id")
-    return validate_key(f"{_check_namespace(namespace)}:spend-request:{encoded}")
+def spend_id(request_id: str) -> str:
+    """A request id as it names the request's markers: percent-encoded, 1-128 bytes."""
+    return _encode_part(request_id, "request_id")
+
+
+def entity_ref(scope: str, entity_id: EntityId) -> str:
+    """``<scope>:<encoded id>``: an entity in the ledger and the outbox, and the tail of its
+    counter key (``<namespace>:spend:<ref>``)."""
+    return f"{scope}:{encode_entity_id(scope, entity_id)}"
 
 
 # -- entities -----------------------------------------------------------------------------
@@ -273,6 +298,50 @@ class SpendSource(Protocol):
     async def fetch(self, scope: Scope, entity_id: EntityId) -> float: ...
 
 
+@dataclass(frozen=True)
+class OutboxRow:
+    """A committed cost of ``request_id`` not yet known to be counted on ``entity``'s counter
+    (``entity`` as :func:`entity_ref`); ``age`` in seconds since it was written."""
+
+    entity: str
+    request_id: str
+    cost: float
+    age: float
+
+
+class Claim(Protocol):
+    """Stale outbox rows held by one drainer until the claim ends."""
+
+    @property
+    def rows(self) -> Sequence[OutboxRow]:
+        """The rows claimed."""
+
+    async def settle(self, rows: Sequence[OutboxRow]) -> None:
+        """Delete ``rows`` (they are counted) when the claim ends."""
+
+
+@runtime_checkable
+class LedgerSource(SpendSource, Protocol):
+    """A spend source that is the ledger: what ``write_mode="ledger"`` needs (see the
+    module docstring for the contract)."""
+
+    async def record(self, request_id: str, entities: Iterable[EntityLike], cost: float) -> bool:
+        """Commit ``cost`` for every entity with its outbox rows; False: a known request."""
+
+    async def snapshot(self, scope: Scope, entity_id: EntityId) -> tuple[float, list[str]]:
+        """The entity's spend and the request ids of its outbox rows, in one snapshot."""
+
+    async def pending(self, request_id: str) -> list[OutboxRow]:
+        """The request's outbox rows."""
+
+    async def settle(self, request_id: str, entities: Sequence[str]) -> None:
+        """Delete the request's outbox rows of ``entities``."""
+
+    def claim_stale(self, older_than: float, limit: int) -> AbstractAsyncContextManager[Claim]:
+        """Up to ``limit`` outbox rows older than ``older_than`` seconds that no other
+        claim holds, oldest first."""
+
+
 class BudgetObserver(Protocol):
     """Metrics hook (e.g. a Prometheus exporter). Called inline: cheap, never raising."""
 
@@ -290,59 +359,22 @@ class BudgetStats:
     outages: int = 0  # calls that met a counter store failure
     allowed_blind: int = 0  # fail-open checks allowed without any spend read
     read_through: int = 0  # checks decided against the source directly
-    duplicates: int = 0  # record_spend calls whose request id was already applied
+    duplicates: int = 0  # record calls whose request id was recorded before
+    left_to_drain: int = 0  # ledger: committed costs whose counter apply failed
+    drained: int = 0  # ledger: outbox rows applied (or settled by a reset) by drain
+    overdue_resets: int = 0  # ledger: counters reset because a row outlived its marker
 
 
 @dataclass(frozen=True)
 class SpendRecord:
-    """What :meth:`BudgetGuard.record_spend` did: ``duplicate`` (the request id was already
-    recorded within the window: nothing applied), else the counters' new values in entity
-    order (None where no counter exists, ledger mode)."""
+    """What :meth:`BudgetGuard.record` did: ``duplicate`` (the request id was recorded
+    before: nothing new applied), the counters' new values in entity order (None where no
+    counter was added to), and ``pending``: the counters (ledger mode) whose add failed
+    and is left to :meth:`BudgetGuard.drain` (the cost is committed)."""
 
     duplicate: bool
     spends: tuple[float | None, ...]
-
-
-# KEYS: marker, counters 1..n, their fences 1..n. ARGV: window ms, amount, ttl ms (0: none),
-# '1' to fence out rebuilds of missing counters (ledger mode).
-# Every counter is checked before anything is written: a script that errors keeps the
-# writes it made before the error.
-_RECORD = (
-    LUA_COUNTER_GRAMMAR
-    + """
-local n = (#KEYS - 1) / 2
-local amount = tonumber(ARGV[2])
-local present = {}
-for i = 1, n do
-  local raw = redis.pcall('GET', KEYS[1 + i])
-  if type(raw) == 'table' and raw.err then return redis.error_reply('WRONGTYPE ' .. i) end
-  if raw then
-    local number = tonumber(raw)
-    if not is_counter(raw) then return redis.error_reply('CORRUPT ' .. i) end
-    if not finite(number + amount) then return redis.error_reply('NONFINITE ' .. i) end
-    present[i] = true
-  end
-end
-if not redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[1], 'NX') then return {'duplicate'} end
-local ttl = tonumber(ARGV[3])
-local out = {'applied'}
-for i = 1, n do
-  if present[i] then
-    out[#out + 1] = redis.call('INCRBYFLOAT', KEYS[1 + i], ARGV[2])
-    if ttl > 0 then redis.call('PEXPIRE', KEYS[1 + i], ttl) end
-  else
-    local fence = KEYS[1 + n + i]
-    if ARGV[4] == '1' and redis.call('EXISTS', fence) == 1 then
-      redis.call('HINCRBY', fence, 't', 1)
-    end
-    out[#out + 1] = false
-  end
-end
-return out
-"""
-)
-
-_SCRIPT_ERROR = re.compile(r"(WRONGTYPE|CORRUPT|NONFINITE) (\d+)(?!\S)")
+    pending: int = 0
 
 
 class BudgetGuard:
@@ -352,7 +384,12 @@ class BudgetGuard:
     ``"lagging"`` with a ledger source counts it twice. ``outage_policy`` decides a check
     when the counter store fails (``"read-through"``: decide against the source;
     ``"fail-closed"``: raise :class:`BudgetUnavailableError`; ``"fail-open"``: allow).
-    ``idempotency_window`` is how long a ``record_spend`` request id is remembered.
+    ``idempotency_window`` is how long a request is remembered as counted on a counter.
+
+    Ledger mode: outbox rows older than ``drain_after`` seconds are the drain's
+    (:meth:`drain`; ``async with guard`` runs it every ``drain_interval`` seconds when one
+    is given). A row older than half the window may have outlived its markers: the drain
+    resets its counter (rebuilt from the source on its next read) instead of adding to it.
     """
 
     def __init__(
@@ -365,6 +402,8 @@ class BudgetGuard:
         outage_policy: OutagePolicy = "read-through",
         idempotency_window: float = 600.0,
         read_through_timeout: float = 5.0,
+        drain_after: float = 5.0,
+        drain_interval: float | None = None,
         observer: BudgetObserver | None = None,
     ) -> None:
         if write_mode not in WRITE_MODES:
@@ -373,18 +412,29 @@ class BudgetGuard:
             raise ConfigurationError(
                 f"outage_policy must be one of {OUTAGE_POLICIES}, got {outage_policy!r}"
             )
-        self._window_ms = ms_text(positive_seconds("idempotency_window", idempotency_window))
+        if write_mode == "ledger" and not isinstance(source, LedgerSource):
+            raise ConfigurationError(
+                "write_mode='ledger' needs a LedgerSource (record, snapshot, pending, settle, "
+                f"claim_stale), got {type(source).__name__}"
+            )
+        self._window = positive_seconds("idempotency_window", idempotency_window)
         self._read_through_timeout = positive_seconds("read_through_timeout", read_through_timeout)
+        self._drain_after = positive_seconds("drain_after", drain_after)
+        if self._drain_after >= self._window / 2:
+            raise ConfigurationError("drain_after must be below half the idempotency_window")
+        self._drain_interval = (
+            None if drain_interval is None else positive_seconds("drain_interval", drain_interval)
+        )
         self.namespace = _check_namespace(namespace)
         self.write_mode: WriteMode = write_mode
         self.outage_policy: OutagePolicy = outage_policy
         self._coordinator = coordinator
         self._source = source
         self._observer = observer
-        self._record = coordinator.store.register_script(_RECORD)
         self._direct: SingleFlight[str, float] = SingleFlight()
         self._stats = BudgetStats()
         self._refusals: Counter[str] = Counter()
+        self._drainer: asyncio.Task[None] | None = None
 
     @property
     def stats(self) -> BudgetStats:
@@ -396,6 +446,9 @@ class BudgetGuard:
             allowed_blind=self._stats.allowed_blind,
             read_through=self._stats.read_through,
             duplicates=self._stats.duplicates,
+            left_to_drain=self._stats.left_to_drain,
+            drained=self._stats.drained,
+            overdue_resets=self._stats.overdue_resets,
         )
 
     def key(self, scope: str, entity_id: EntityId) -> str:
@@ -448,60 +501,94 @@ class BudgetGuard:
         item = as_entity((scope, entity_id))
         return await self._coordinator.get(self._key(item), self._loader(item))
 
-    async def record_spend(
-        self, entities: Iterable[EntityLike], cost: float, *, request_id: str
+    async def record(
+        self, request_id: str, entities: Iterable[EntityLike], cost: float
     ) -> SpendRecord:
-        """Add ``cost`` to every entity's counter, once per ``request_id`` within the window.
+        """Record ``cost`` for every entity, once per ``request_id``.
 
-        One Lua call sets the request's marker (if it is already set: a duplicate, nothing is
-        applied) and increments every present counter, refreshing its TTL; it never creates
-        one. Then, in ``"lagging"`` mode only, each missing counter is rebuilt from the source
-        and the cost added (the marker already covers the request, so a retry after a
-        failure here applies nothing twice; that counter misses the cost until the source
-        has it).
+        Ledger mode: commit it to the source (with its outbox rows), then add it to every
+        present counter and delete the outbox rows applied. A counter store failure after
+        the commit does not raise: the cost is recorded, ``pending`` counts the counters
+        left to :meth:`drain`. A known request id commits nothing and applies what its
+        outbox still holds (so a retry heals a failed apply at once). A failed commit raises
+        :class:`~coordinator.errors.SourceError`: if the commit went through after all, the
+        drain applies it.
 
-        ``"ledger"`` contract: call this while the transaction that added ``cost`` to the
-        source still holds its row locks (``PostgresSpendSource.record(on_locked=...)``), and
-        let loaders lock the row they read (``FOR SHARE``). Then a rebuild's read either
-        sees the committed cost (and this call found no counter) or predates it (and this
-        call either increments the counter it seeded or fences its seed out): every cost is
-        counted exactly once.
+        Lagging mode: add it to every present counter (once per request id and counter,
+        within the window); a missing counter is rebuilt from the source, then the cost
+        added. A counter store failure raises :class:`BudgetUnavailableError`.
+
+        A counter holding garbage raises its error (``CorruptCounterError``,
+        ``WrongTypeError``) after the other counters are served.
         """
         items = list({self._key(e): e for e in map(as_entity, entities)}.items())
-        marker = request_key(request_id, self.namespace)
-        amount = check_amount(cost, marker)
-        keys = [key for key, _ in items]
-        try:
-            reply = await self._record(
-                keys=[marker, *keys, *map(fence_key, keys)],
-                args=[
-                    self._window_ms,
-                    format_value(amount),
-                    ms_text(self._coordinator.ttl),
-                    "1" if self.write_mode == "ledger" else "0",
-                ],
-            )
-        except ResponseError as exc:
-            bad_counter = _counter_error(exc, [marker, *keys])
-            if bad_counter is not None:
-                raise bad_counter from exc
-            raise self._unavailable(
-                f"spend of request {request_id!r} not recorded", exc, marker
-            ) from exc
-        except RedisError as exc:
-            raise self._unavailable(
-                f"spend of request {request_id!r} not recorded", exc, marker
-            ) from exc
-        if reply[0] in (b"duplicate", "duplicate"):
-            self._stats.duplicates += 1
-            return SpendRecord(True, tuple(None for _ in items))
-        spends = [
-            None if raw is None else parse_stored(raw, key)
-            for key, raw in zip(keys, reply[1:], strict=True)
-        ]
+        marker = spend_id(request_id)
+        amount = check_amount(cost, request_id)
         if self.write_mode == "lagging":
-            await self._reseed_and_add(items, spends, amount)
-        return SpendRecord(False, tuple(spends))
+            return await self._record_lagging(items, marker, amount)
+        source = self._ledger()
+        new = await source.record(request_id, [item for _, item in items], amount)
+        if new:
+            rows = [OutboxRow(entity_ref(e.scope, e.id), request_id, amount, 0.0) for _, e in items]
+        else:
+            self._stats.duplicates += 1
+            rows = await source.pending(request_id)
+        outcomes = await asyncio.gather(*map(self._apply_row, rows), return_exceptions=True)
+        done = [row for row, outcome in zip(rows, outcomes, strict=True) if _settled(outcome)]
+        pending = len(rows) - len(done)
+        if done:
+            try:
+                await source.settle(request_id, [row.entity for row in done])
+            except SourceError as exc:
+                log.warning("outbox rows of %s not deleted (drain repeats them): %s", marker, exc)
+        if pending:
+            self._outage()
+            self._stats.left_to_drain += pending
+            log.warning("spend of %s committed, %d counters left to the drain", marker, pending)
+        _raise_bad_counter(outcomes)
+        applied = {
+            row.entity: outcome.value
+            for row, outcome in zip(rows, outcomes, strict=True)
+            if isinstance(outcome, ApplyOutcome)
+        }
+        spends = tuple(applied.get(entity_ref(e.scope, e.id)) for _, e in items)
+        return SpendRecord(not new, spends, pending)
+
+    async def drain(self, *, limit: int = 500) -> int:
+        """Apply the outbox rows older than ``drain_after`` (ledger mode): each one to its
+        counter once, or, past half the window, by resetting the counter. Rows another
+        drainer holds are skipped. The number of rows settled."""
+        async with self._ledger().claim_stale(self._drain_after, limit) as claim:
+            outcomes = await asyncio.gather(
+                *map(self._apply_row, claim.rows), return_exceptions=True
+            )
+            for outcome in outcomes:
+                if isinstance(outcome, ReseedError):
+                    log.warning("outbox row not drained: %s", outcome)
+                elif isinstance(outcome, BaseException):
+                    raise outcome
+            done = [
+                row for row, outcome in zip(claim.rows, outcomes, strict=True) if _settled(outcome)
+            ]
+            await claim.settle(done)
+        self._stats.drained += len(done)
+        return len(done)
+
+    async def __aenter__(self) -> BudgetGuard:
+        if self._drain_interval is not None and self._drainer is None:
+            self._drainer = asyncio.create_task(self._drain_forever(self._drain_interval))
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Stop the background drainer, if one runs."""
+        if self._drainer is not None:
+            self._drainer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._drainer
+            self._drainer = None
 
     async def reset(self, scope: str, entity_id: EntityId) -> None:
         """Delete the entity's counter through the coordinator's fenced reset: a rebuild in
@@ -511,13 +598,75 @@ class BudgetGuard:
 
     # -- internals -----------------------------------------------------------------------
 
+    def _ledger(self) -> LedgerSource:
+        if not isinstance(self._source, LedgerSource):
+            raise ConfigurationError("this needs write_mode='ledger' (and a LedgerSource)")
+        return self._source
+
     def _loader(self, item: Entity) -> Loader:
+        if self.write_mode == "ledger":
+            return functools.partial(self._snapshot, item)
         return functools.partial(self._source.fetch, item.scope, item.id)
 
+    async def _snapshot(self, item: Entity) -> Snapshot:
+        spend, request_ids = await self._ledger().snapshot(item.scope, item.id)
+        return Snapshot(spend, map(spend_id, request_ids), self._window)
+
+    async def _apply_row(self, row: OutboxRow) -> ApplyOutcome | None:
+        """Count one outbox row on its counter; None if that took a reset."""
+        key = validate_key(f"{self.namespace}:spend:{row.entity}")
+        if row.age >= self._window / 2:
+            # Its marker may be gone: whether the counter holds the cost is unknown, so let
+            # the next read rebuild the counter from the source, which holds it.
+            await self._coordinator.reset(key)
+            self._stats.overdue_resets += 1
+            return None
+        return await self._coordinator.apply_once(
+            key, row.cost, spend_id(row.request_id), window=self._window
+        )
+
+    async def _record_lagging(
+        self, items: list[tuple[str, Entity]], marker: str, amount: float
+    ) -> SpendRecord:
+        outcomes = await asyncio.gather(
+            *(
+                self._coordinator.apply_once(
+                    key, amount, marker, window=self._window, on_missing="mark"
+                )
+                for key, _ in items
+            ),
+            return_exceptions=True,
+        )
+        failed = next((o for o in outcomes if isinstance(o, StoreError)), None)
+        if failed is not None:
+            raise self._unavailable(
+                f"spend of request {marker!r} not recorded", failed, failed.key
+            ) from failed
+        _raise_bad_counter(outcomes)
+        results = [outcome for outcome in outcomes if isinstance(outcome, ApplyOutcome)]
+        if all(outcome.result == "duplicate" for outcome in results):
+            self._stats.duplicates += 1
+            return SpendRecord(True, tuple(None for _ in items))
+        spends = [outcome.value for outcome in results]
+        missing = [i for i, outcome in enumerate(results) if outcome.result == "missing"]
+        await self._reseed_and_add(items, missing, spends, amount)
+        return SpendRecord(False, tuple(spends))
+
+    async def _drain_forever(self, interval: float) -> None:
+        while True:
+            try:
+                await self.drain()
+            except ReseedError as exc:
+                log.warning("outbox drain failed: %s", exc)
+            await asyncio.sleep(interval)
+
     async def _reseed_and_add(
-        self, items: list[tuple[str, Entity]], spends: list[float | None], amount: float
+        self,
+        items: list[tuple[str, Entity]],
+        missing: list[int],
+        spends: list[float | None],
+        amount: float,
     ) -> None:
-        missing = [i for i, spend in enumerate(spends) if spend is None]
         try:
             added = await asyncio.gather(
                 *(
@@ -577,18 +726,17 @@ class BudgetGuard:
             self._observer.on_refusal(scope)
 
 
-def _counter_error(exc: ResponseError, keys: list[str]) -> ReseedError | None:
-    """The bad counter the record script refused, or None (the store itself failed)."""
-    match = _SCRIPT_ERROR.match(str(exc))
-    if match is None:
-        return None
-    kind, index = match.group(1), int(match.group(2))
-    key = keys[index]
-    if kind == "WRONGTYPE":
-        return WrongTypeError(f"counter {key!r} holds a non-string Redis type", key=key)
-    if kind == "CORRUPT":
-        return CorruptCounterError(f"counter {key!r} holds a non-numeric value", key=key)
-    return InvalidValueError(f"adding the spend would make counter {key!r} non-finite", key=key)
+def _settled(outcome: object) -> bool:
+    """Whether an apply of an outbox row leaves nothing to do (applied, a duplicate, no
+    counter, or settled by a reset)."""
+    return outcome is None or isinstance(outcome, ApplyOutcome)
+
+
+def _raise_bad_counter(outcomes: Sequence[object]) -> None:
+    """Raise the first error that is not the store's (a garbage counter, a cancellation)."""
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException) and not isinstance(outcome, StoreError):
+            raise outcome
 
 
 __all__ = [
@@ -602,10 +750,13 @@ __all__ = [
     "BudgetObserver",
     "BudgetStats",
     "BudgetUnavailableError",
+    "Claim",
     "Entity",
     "EntityId",
     "EntityLike",
+    "LedgerSource",
     "OutagePolicy",
+    "OutboxRow",
     "Overage",
     "Scope",
     "SpendRecord",
@@ -613,7 +764,8 @@ __all__ = [
     "WriteMode",
     "as_entity",
     "encode_entity_id",
+    "entity_ref",
     "parse_spend_key",
-    "request_key",
+    "spend_id",
     "spend_key",
 ]

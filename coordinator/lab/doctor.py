@@ -43,8 +43,10 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         description=(
             "Scan the counters <namespace>:spend:<scope>:<id> (SCAN, batched), compare each "
             "with its database value and report the inflated (an integer multiple >= 2x), "
-            "low, TTL-less, non-numeric ones, and those without a row. Exit status: 0 "
-            "nothing flagged (or everything fixed), 1 counters flagged, 2 setup error."
+            "low, TTL-less, non-numeric ones, and those without a row; then the outbox lag "
+            "(spend_outbox rows not yet applied to their counters, and the oldest one's "
+            "age). Exit status: 0 nothing flagged (or everything fixed), 1 counters flagged, "
+            "2 setup error."
         ),
     )
     parser.add_argument("--redis-url", required=True, help="the counter store")
@@ -100,6 +102,13 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         default=60,
         help="expiry of the rebuilt counters, seconds (default 60, LiteLLM's)",
     )
+    parser.add_argument(
+        "--idempotency-window",
+        type=positive_int,
+        default=600,
+        help="the guards' idempotency_window, seconds: how long --fix's rebuilds mark the "
+        "outbox rows they count (default 600)",
+    )
     parser.set_defaults(run=_doctor)
 
 
@@ -138,6 +147,7 @@ async def _examine_and_fix(args: argparse.Namespace, store: Redis, db: Any) -> i
         queries=dict(args.query) if args.query else None,
         tolerance=args.tolerance,
         batch=args.batch,
+        idempotency_window=float(args.idempotency_window),
     )
     meter = _ProgressLine() if sys.stderr.isatty() else None
     try:

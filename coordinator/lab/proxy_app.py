@@ -13,9 +13,9 @@ Run several of them with ``python -m coordinator proxy --pods N``, or one by han
    the org, and the request's end user (``user``) and tags (``metadata.tags``) when they
    have a budget: one Redis round trip when the counters are warm;
 3. simulate the model call (a sleep) with a cost;
-4. record the spend in PostgreSQL (ledger row + spend columns, one transaction, idempotent
-   per ``x-request-id``) and, while that transaction holds the rows, on the counters
-   (``record_spend``, ledger mode).
+4. record the spend (``BudgetGuard.record``, ledger mode): ledger row, spend columns and
+   outbox rows in one transaction, idempotent per ``x-request-id``, then the counters, once;
+   the pod's background drainer applies what a failed counter write left in the outbox.
 
 Over budget: 429 with ``{"error": {"type": "budget_exceeded", "scope", "id", "spend",
 "max_budget", "exceeded"}}``. ``POST /budget/reset`` (master key) resets an entity's spend
@@ -47,7 +47,6 @@ from .. import ReseedCoordinator, ReseedError
 from ..budget import (
     BudgetExceededError,
     BudgetGuard,
-    BudgetUnavailableError,
     Entity,
     EntityId,
     OutagePolicy,
@@ -57,8 +56,6 @@ from ..budget import (
 from ..budget.spend_source import PostgresSpendSource
 from ..errors import MissingRowError
 from .proxy import ENV_PREFIX, hash_api_key
-
-log = logging.getLogger(__name__)
 
 DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
@@ -259,22 +256,15 @@ class Pod:
 
         await asyncio.sleep(latency / 1000)  # the model call
 
-        async def count() -> None:
-            try:
-                await self.guard.record_spend(entities, cost, request_id=request_id)
-            except BudgetUnavailableError as exc:
-                # The DB has the cost; the counter catches up when it expires or is reset.
-                log.warning("spend of %s not counted in Redis: %s", request_id, exc)
-
         try:
-            recorded = await self.source.record(request_id, entities, cost, on_locked=count)
+            recorded = await self.guard.record(request_id, entities, cost)
         except ReseedError as exc:
             return _error(503, "spend_not_recorded", f"{type(exc).__name__}: {exc}")
         key_spend = spends[0]
         headers = {
             "x-request-id": request_id,
             "x-pod": self.settings.name,
-            "x-litellm-response-cost": repr(cost if recorded else 0.0),
+            "x-litellm-response-cost": repr(0.0 if recorded.duplicate else cost),
         }
         if key_spend is not None:
             headers["x-litellm-key-spend"] = repr(key_spend)
@@ -290,7 +280,7 @@ class Pod:
                         "finish_reason": "stop",
                     }
                 ],
-                "duplicate": not recorded,
+                "duplicate": recorded.duplicate,
             },
             headers=headers,
         )
@@ -375,7 +365,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 write_mode="ledger",
                 namespace=config.namespace,
                 outage_policy=config.outage_policy,
+                drain_interval=1.0,
             )
+            await stack.enter_async_context(guard)  # runs the outbox drainer
             yield {"pod": Pod(config, coordinator, source, guard)}
 
     routes = [

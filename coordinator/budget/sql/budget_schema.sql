@@ -35,7 +35,8 @@ CREATE TABLE IF NOT EXISTS api_key (
     blocked    boolean NOT NULL DEFAULT false
 );
 
--- One row per recorded request: makes PostgresSpendSource.record idempotent per request id.
+-- One row per recorded request: makes PostgresSpendSource.record idempotent per request id
+-- (forever: a retry after the outbox row is gone still applies nothing).
 -- entities holds "<scope>:<encoded id>" as in the counter keys.
 CREATE TABLE IF NOT EXISTS spend_ledger (
     request_id text PRIMARY KEY,
@@ -43,3 +44,20 @@ CREATE TABLE IF NOT EXISTS spend_ledger (
     entities   text[] NOT NULL,
     created_at timestamptz NOT NULL DEFAULT now()
 );
+
+-- The outbox: one row per (request, entity) whose cost is committed here but not yet known
+-- to be counted on the entity's counter. Written in the spend's own transaction
+-- (PostgresSpendSource.record), deleted once the counter has the cost (BudgetGuard.record,
+-- or BudgetGuard.drain for rows left behind by a pod that died or a store that stalled).
+-- A counter rebuild reads an entity's spend and its outbox rows in one snapshot: the seed
+-- marks those requests counted, so their late applies add nothing.
+-- entity is "<scope>:<encoded id>", as in spend_ledger.entities and the counter keys.
+CREATE TABLE IF NOT EXISTS spend_outbox (
+    entity     text NOT NULL,
+    request_id text NOT NULL,
+    cost       double precision NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+    PRIMARY KEY (entity, request_id)
+);
+CREATE INDEX IF NOT EXISTS spend_outbox_request ON spend_outbox (request_id);
+CREATE INDEX IF NOT EXISTS spend_outbox_created ON spend_outbox (created_at);
