@@ -59,6 +59,7 @@ from ..errors import (
     ReseedError,
     SourceError,
 )
+from ..keys import SEPARATOR
 from ..values import parse_stored
 from .guard import SCOPES, EntityId, Scope, parse_spend_key
 
@@ -73,7 +74,6 @@ DEFAULT_TOLERANCE = 0.01
 _ABSOLUTE_SLACK = 1e-9
 DEFAULT_BATCH = 1000
 FIX_CONCURRENCY = 16
-_SEPARATOR = b"\x1f"
 
 
 _ENTITIES = (
@@ -312,7 +312,7 @@ class Doctor:
             cursor, keys = await self.store.scan(cursor, match=pattern, count=self.batch)
             for key in keys:
                 raw = key if isinstance(key, bytes) else key.encode()
-                if _SEPARATOR not in raw:
+                if SEPARATOR.encode() not in raw:
                     pending.append(raw)
             while len(pending) >= self.batch:
                 yield pending[: self.batch]
