@@ -109,7 +109,8 @@ class SeedSignals:
         async with self._lock:
             if self._pubsub is not None:
                 await self._drop(self._pubsub)
-        await self._pool.disconnect()
+        with contextlib.suppress(Exception):  # an accelerator's teardown fails nobody
+            await self._pool.disconnect()
 
     async def add(self, watch: Watch) -> None:
         """Subscribe ``watch`` to its channel; on any failure it polls instead."""
