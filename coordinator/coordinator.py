@@ -1,28 +1,36 @@
 """ReseedCoordinator: rebuild a missing counter from its source of truth once, fleet-wide.
 
-The whole protocol lives in this file::
+The whole protocol lives in this file. A miss is a small state machine; each attempt of a
+rebuild ends in one named state, and tenacity paces the attempts that must be retried::
 
     get(key, loader):
-      GET key                               hit: return it (the hot path, one round trip)
-      miss: probe key                       present: return it; else its reset generation
-        one rebuild per (key, generation) per process (singleflight); the others await it
-        loop, paced by tenacity backoff, until the most patient caller's deadline:
-          try the Redlock lease on (key, generation)
-            lost    -> back off (woken early by the seed's pub/sub announcement), re-read
-                       the key; retry the lease at exponentially growing intervals
-                       (the holder may die); the announced value, if any, is the answer
-            no quorum -> go on without a lease (degraded), still fenced
-            won     -> token := new fencing token, re-check key (one script)
-                       present: return it
-                       value := loader()    the one DB read, fleet-wide
-                       seed: SET value if key absent and token is still the newest
-                       return the stored value; release the lease in the background
-                       fenced out by a reset: rebuild in the new generation
-                       fenced out by a newer rebuild: return our own fresh read
-          probe key again                   present: return it; else its generation
+      GET key                               present: return it (the hot path, one round trip)
+      miss: probe key                       present: return it; else its reset generation g
+        one rebuild per (key, g) per process (singleflight); the others await it
+        state := Missing(g); attempt until Hit or Seeded, or the most patient caller's
+        deadline, paced by tenacity backoff (woken early by the seed's pub/sub announcement):
+          the winner announced a value      -> Hit(value)
+          LeaseHeld, before its retry time  -> GET key: Hit(value), or LeaseHeld again
+          Missing(g)                        -> try the lease on (key, g)      (no probe)
+          otherwise                         -> probe: Hit(value), or try the lease on (key, g)
+          try the Redlock lease on (key, g):
+            lost      -> LeaseHeld(retry_at): someone else rebuilds; the lease is retried
+                         at exponentially growing intervals (the holder may die)
+            no quorum -> seed without a lease (degraded), still fenced
+            won       -> seed, then release the lease in the background
+          seed:
+            token := new fencing token, re-check key (one script)
+                                            present: Hit(value)
+            value := loader()               the one DB read, fleet-wide
+            SET value if key absent and token is still the newest, announce it:
+              written, or found present     -> Seeded(the stored value)
+              fenced out by a newer rebuild -> Seeded(our own fresh read)
+              fenced out by a reset         -> Fenced: rebuild in the new generation
 
-The lease only saves DB reads; correctness rests on the seed script, which never overwrites a
-counter and refuses any write whose token a newer rebuild or a reset has superseded.
+Hit and Seeded end the rebuild; LeaseHeld and Fenced are retried. The lease only saves DB
+reads; correctness rests on the seed script, which never overwrites a counter and refuses
+any write whose token a newer rebuild or a reset has superseded. The step docstrings name
+the guarantees they keep, numbered as in the README's "Guarantees".
 """
 
 from __future__ import annotations
@@ -30,7 +38,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import math
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal, TypeVar
@@ -67,13 +74,51 @@ Loader = Callable[[], Awaitable[float]]
 OnTimeout = Literal["raise", "load"]
 
 
-@dataclass
-class _Backoff:
-    """A flight's pacing state across its attempts."""
+@dataclass(frozen=True)
+class Missing:
+    """The first caller's probe found no counter in reset generation ``generation``: the
+    first attempt goes straight to the lease."""
 
-    probed: int | None  # the generation the first caller's probe found, for the first attempt
-    lease_retry_at: float = -math.inf  # loop time before which the lease is not retried
-    leases_lost: int = 0
+    generation: int
+
+
+@dataclass(frozen=True)
+class Hit:
+    """The counter is there: stored, or announced by the winner's seed. Nothing loaded."""
+
+    value: float
+
+
+@dataclass(frozen=True)
+class Seeded:
+    """This flight ran the loader; ``value`` is the stored counter, or our own fresh read
+    when a newer rebuild fenced our write out."""
+
+    value: float
+
+
+@dataclass(frozen=True)
+class LeaseHeld:
+    """Another process holds the lease: back off and re-read the key; retry the lease at
+    ``retry_at`` (loop time), ``lost`` being the leases this flight has lost so far."""
+
+    retry_at: float
+    lost: int
+
+
+@dataclass(frozen=True)
+class Fenced:
+    """A reset superseded our token: what we loaded may predate it. Rebuild in the new
+    generation."""
+
+
+Done = Hit | Seeded  # the states that end a rebuild
+Outcome = Hit | Seeded | LeaseHeld | Fenced  # what an attempt ends in
+State = Missing | Outcome  # what the next attempt starts from
+
+
+def _again(outcome: Outcome) -> bool:
+    return isinstance(outcome, (LeaseHeld, Fenced))
 
 
 def _being_cancelled() -> bool:
@@ -148,9 +193,9 @@ class ReseedCoordinator:
         self._backoff_initial = backoff_initial
         self._backoff_max = backoff_max
         self._releases: set[asyncio.Task[None]] = set()
-        self._flights: SingleFlight[tuple[str, int], tuple[float, bool]] = SingleFlight()
+        self._flights: SingleFlight[tuple[str, int], Done] = SingleFlight()
         self._probes: SingleFlight[str, tuple[float | None, int]] = SingleFlight()
-        self._deadlines: dict[asyncio.Future[tuple[float, bool]], Deadline] = {}
+        self._deadlines: dict[asyncio.Future[Done], Deadline] = {}
         self._stats = Stats()
         self._observer = observer
         self._owned: list[Redis] = []
@@ -314,6 +359,9 @@ class ReseedCoordinator:
     # -- the miss path -------------------------------------------------------------------
 
     async def _reseed(self, key: str, loader: Loader, budget: float) -> float:
+        """A missing counter, within ``budget``. Keeps 5 (bounded waits): past the deadline
+        a typed ``ReseedTimeoutError``, or with ``on_timeout="load"`` a direct read that
+        writes nothing (so 1 and 4 still hold)."""
         self._check_open()
         loop = asyncio.get_running_loop()
         started = loop.time()
@@ -342,7 +390,12 @@ class ReseedCoordinator:
 
     async def _fly(self, key: str, loader: Loader, budget: float) -> tuple[float, MissRole]:
         """Join (or start) this process's rebuild of ``key`` in its current reset generation
-        and wait for it, ``budget`` at most; the value and this caller's role."""
+        and wait for it, ``budget`` at most; the value and this caller's role.
+
+        Keeps 2 (one DB read per cold miss): one rebuild per (key, generation) per process,
+        so the lease is contended by processes, not callers. Keeps 5: each caller waits
+        its own budget, and a flight runs until its most patient caller's deadline.
+        """
         deadline = Deadline(asyncio.get_running_loop().time() + budget)
         # Callers that miss together share one probe: a stampede costs one per process.
         (present, generation), _ = await self._guard(
@@ -352,7 +405,7 @@ class ReseedCoordinator:
             return present, "waited"
         flight_key = (key, generation)
 
-        def start() -> Coroutine[Any, Any, tuple[float, bool]]:
+        def start() -> Coroutine[Any, Any, Done]:
             return self._rebuild(key, loader, deadline, generation)
 
         flight, joined = self._flights.join(flight_key, start)
@@ -367,54 +420,64 @@ class ReseedCoordinator:
             self._deadlines[flight] = deadline
             flight.add_done_callback(self._deadlines.pop)
         try:
-            value, loaded = await asyncio.wait_for(self._guard(asyncio.shield(flight)), budget)
+            done = await asyncio.wait_for(self._guard(asyncio.shield(flight)), budget)
         except asyncio.CancelledError:
             if self._closed and flight.cancelled() and not _being_cancelled():
                 raise CoordinatorClosedError(
                     f"the coordinator was closed while rebuilding {key!r}", key=key
                 ) from None
             raise
-        return value, "loaded" if loaded and not joined else "waited"
+        return done.value, "loaded" if isinstance(done, Seeded) and not joined else "waited"
 
-    async def _rebuild(
-        self, key: str, loader: Loader, deadline: Deadline, generation: int
-    ) -> tuple[float, bool]:
-        """The value, and whether this flight ran the loader to get it. ``generation`` is
-        what the first caller's probe found: the first attempt goes straight to the lease."""
+    async def _rebuild(self, key: str, loader: Loader, deadline: Deadline, generation: int) -> Done:
+        """Run the attempts from :class:`Missing` (``generation``, what the first caller's
+        probe found) until one ends in :class:`Hit` or :class:`Seeded`.
+
+        Keeps 5 (bounded waits): tenacity stops before a backoff would end past the
+        deadline, and the rebuild raises ``ReseedTimeoutError`` then.
+        """
+        state: State = Missing(generation)
         try:
             async with self._signals.watch(key) as watch:
+
+                async def step() -> Outcome:
+                    nonlocal state
+                    state = await self._attempt(key, loader, deadline, watch, state)
+                    return state
+
                 retrying = AsyncRetrying(
                     stop=stop_before_deadline(deadline),
                     wait=self._backoff,
                     sleep=watch.sleep,
-                    retry=retry_if_result(lambda outcome: outcome is None),
+                    retry=retry_if_result(_again),
                 )
-                outcome: tuple[float, bool] = await retrying(
-                    self._attempt, key, loader, deadline, watch, _Backoff(generation)
-                )
+                done: Done = await retrying(step)
         except RetryError:
             raise ReseedTimeoutError(f"no rebuild of {key!r} by the deadline", key=key) from None
-        return outcome
+        return done
 
     async def _attempt(
-        self, key: str, loader: Loader, deadline: Deadline, watch: Watch, backoff: _Backoff
-    ) -> tuple[float, bool] | None:
-        """One try: the stored or rebuilt value, or None to back off and retry."""
+        self, key: str, loader: Loader, deadline: Deadline, watch: Watch, state: State
+    ) -> Outcome:
+        """One attempt, from the state the previous one ended in (see the module docstring).
+
+        Keeps 2 (one DB read per cold miss): only the lease's holder loads, and a loser
+        re-reads the key (one GET) until its lease retry time instead of hammering every
+        lock master. Never loads when the key is present (Hit).
+        """
         if watch.seeded is not None:
             # The winner announced the value it seeded: no need to read it back.
-            return parse_stored(watch.seeded, key), False
+            return Hit(parse_stored(watch.seeded, key))
         loop = asyncio.get_running_loop()
-        if loop.time() < backoff.lease_retry_at:
-            # Someone holds the lease: re-read the key (one GET) and leave the lease (a round
-            # trip to every master) alone until its retry time.
+        if isinstance(state, LeaseHeld) and loop.time() < state.retry_at:
             value = await self._store.read(key)
-            return None if value is None else (value, False)
-        if backoff.probed is not None:
-            generation, backoff.probed = backoff.probed, None
+            return state if value is None else Hit(value)
+        if isinstance(state, Missing):
+            generation = state.generation
         else:
             present, generation = await self._store.probe(key)
             if present is not None:
-                return present, False
+                return Hit(present)
         try:
             lease = await self._locks.try_acquire(
                 key, generation, lambda: self._count("lease_extensions")
@@ -426,10 +489,9 @@ class ReseedCoordinator:
             self._count("leases_lost")
             # Retry soon at first (a split vote among contenders leaves no holder at all),
             # then ever less often while a live holder loads, up to once per backoff_max.
-            backoff.leases_lost += 1
-            pause = min(self._backoff_max, self._backoff_initial * 2**backoff.leases_lost)
-            backoff.lease_retry_at = loop.time() + pause
-            return None
+            lost = state.lost + 1 if isinstance(state, LeaseHeld) else 1
+            pause = min(self._backoff_max, self._backoff_initial * 2**lost)
+            return LeaseHeld(loop.time() + pause, lost)
         self._count("leases_won")
         lease.hold()
         try:
@@ -441,10 +503,17 @@ class ReseedCoordinator:
 
     async def _seed(
         self, key: str, loader: Loader, deadline: Deadline, generation: int
-    ) -> tuple[float, bool] | None:
+    ) -> Hit | Seeded | Fenced:
+        """Load and write under a fresh fencing token, with or without the lease.
+
+        Keeps 1 (no inflation): the write is a SET NX, never an add. Keeps 4 (no stale
+        writes): a token that a newer rebuild or a reset superseded writes nothing, and a
+        read that may predate a reset is never returned (Fenced). Keeps 6 (nothing lost on
+        errors): a loader failure raises before the script runs, so nothing is written.
+        """
         token, present = await self._store.take_token(key)
         if present is not None:
-            return present, False
+            return Hit(present)
         value = await self._load(key, loader, deadline)
         outcome = await self._store.seed(key, value, token, self._ttl)
         fields = {"key": key, "token": token, "outcome": outcome.result}
@@ -458,14 +527,16 @@ class ReseedCoordinator:
             self._count("fenced_writes")
             log.info("fenced write refused", extra=fields)
             if outcome.generation != generation:
-                # A reset superseded us: what we read may predate it, and callers that
-                # arrived after the reset must not get it. Rebuild in the new generation.
-                return None
+                # Callers that arrived after the reset must not get what we read.
+                return Fenced()
             # A newer rebuild overtook our lease. Looping would livelock a key whose loader
             # is slower than a (capped) lease, so return our own fresh read instead.
-        return (value if outcome.value is None else outcome.value), True
+        return Seeded(value if outcome.value is None else outcome.value)
 
     async def _load(self, key: str, loader: Loader, deadline: Deadline) -> float:
+        """One loader call, bounded by ``deadline``. Keeps 5 (a hung loader times out),
+        6 (any loader failure is a ``LoaderError`` to every waiter) and 7 (a non-finite,
+        negative or non-numeric value is refused before anything is written)."""
         if deadline.remaining() <= 0:
             raise ReseedTimeoutError(f"no time left to load {key!r}", key=key)
         self._count("loader_calls")

@@ -13,8 +13,10 @@ import re
 from .errors import InvalidKeyError
 
 MAX_KEY_BYTES = 1024
-_SEP = "\x1f"
-# Control characters (so _SEP can never occur) and whitespace (unicode-aware, as str.isspace).
+#: Joins a counter key to the names of its auxiliary keys; never part of a counter key.
+SEPARATOR = "\x1f"
+# Control characters (so SEPARATOR can never occur) and whitespace (unicode-aware, as
+# str.isspace).
 _FORBIDDEN = re.compile(r"[\x00-\x1f\x7f\s]")
 
 
@@ -43,12 +45,12 @@ def validate_key(key: object) -> str:
 
 def fence_key(key: str) -> str:
     """The hash holding the key's fencing token (``t``) and reset generation (``g``)."""
-    return f"{key}{_SEP}fence"
+    return f"{key}{SEPARATOR}fence"
 
 
 def seed_channel(key: str) -> str:
     """The pub/sub channel on which a successful seed of ``key`` is announced."""
-    return f"{key}{_SEP}seeded"
+    return f"{key}{SEPARATOR}seeded"
 
 
 def lease_name(key: str, generation: int) -> str:
@@ -57,7 +59,7 @@ def lease_name(key: str, generation: int) -> str:
     Scoping the lease to the generation means a reader arriving after a reset never waits
     behind a rebuild that the reset has already doomed.
     """
-    return f"{key}{_SEP}lease{_SEP}{generation}"
+    return f"{key}{SEPARATOR}lease{SEPARATOR}{generation}"
 
 
 def same_slot_prefix(key: str) -> str:
@@ -76,4 +78,4 @@ def applied_key(key: str, spend_id: str) -> str:
     ``spend_id`` must be a valid key fragment (no whitespace or control characters).
     """
     validate_key(spend_id)
-    return f"{same_slot_prefix(key)}{_SEP}applied{_SEP}{spend_id}"
+    return f"{same_slot_prefix(key)}{SEPARATOR}applied{SEPARATOR}{spend_id}"

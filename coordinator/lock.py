@@ -143,9 +143,11 @@ class Lease:
             )
 
     async def _keep(self) -> None:
+        pause = self._duration / 2
         while True:
             # Half the lease leaves room for a slow master before the lease lapses.
-            await asyncio.sleep(self._duration / 2)
+            await asyncio.sleep(pause)
+            pause = self._duration / 2
             try:
                 await _finish(self._lock.extend())
             except TooManyExtensions:
@@ -157,6 +159,20 @@ class Lease:
                     extra={"key": self._key, "outcome": "lease_lapsed"},
                 )
                 return
+            except Exception as exc:
+                # Not a verdict on the lease (pottery raises those above), so try again,
+                # soon enough to land before the lease lapses. Left to escape, it would
+                # also abort the lease's release.
+                pause = self._duration / 8
+                log.warning(
+                    "extending the lease on %s failed (%s: %s); retrying in %.3gs",
+                    self._key,
+                    type(exc).__name__,
+                    exc,
+                    pause,
+                    extra={"key": self._key, "outcome": "extend_failed"},
+                )
+                continue
             self._on_extend()
 
 
@@ -208,5 +224,20 @@ class LeaseManager:
                     "masters": len(self.masters),
                 },
             )
+            raise QuorumUnavailable(key) from exc
+        except Exception as exc:
+            # pottery counts only a master's RedisError as a failed master; anything else
+            # (a socket or asyncio error redis-py let through) aborts the whole acquire. We
+            # cannot tell how many masters it left locked: undo what we may hold, degrade.
+            log.warning(
+                "lock masters failed outside redis-py's errors (%s: %s); rebuilding %s "
+                "without a lease (still fenced)",
+                type(exc).__name__,
+                exc,
+                key,
+                extra={"key": key, "outcome": "degraded", "masters": len(self.masters)},
+            )
+            with contextlib.suppress(Exception):
+                await _release(lock)
             raise QuorumUnavailable(key) from exc
         return Lease(key, lock, self.duration, on_extend) if acquired else None

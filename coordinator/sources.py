@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from decimal import Decimal
 from typing import Any
 
@@ -9,6 +10,17 @@ import asyncpg
 
 from .coordinator import Loader
 from .errors import InvalidValueError, MissingRowError, SourceError
+
+#: What asyncpg can raise for a failed database call: its two error bases, its internal
+#: client errors (a protocol error, a statement cache outdated by a schema change), raw
+#: socket errors and asyncio timeouts (not an ``OSError`` before Python 3.11).
+DB_ERRORS: tuple[type[Exception], ...] = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+)
 
 
 class PostgresSource:
@@ -27,7 +39,7 @@ class PostgresSource:
             pool = await asyncpg.create_pool(
                 dsn, min_size=min_size, max_size=max_size, timeout=timeout
             )
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except DB_ERRORS as exc:
             raise SourceError(f"cannot connect to PostgreSQL: {exc}") from exc
         return cls(pool, query)
 
@@ -40,7 +52,7 @@ class PostgresSource:
     async def fetch(self, *args: object) -> float:
         try:
             row = await self.pool.fetchrow(self.query, *args)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except DB_ERRORS as exc:
             raise SourceError(f"PostgreSQL query failed for {args!r}: {exc}") from exc
         if row is None:
             raise MissingRowError(f"no row in the source for {args!r}")

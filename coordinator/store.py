@@ -20,6 +20,7 @@ reads a source that includes the spend too.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
@@ -33,6 +34,17 @@ from .keys import applied_key, fence_key, seed_channel
 from .values import Snapshot, format_value, ms_text, parse_stored
 
 T = TypeVar("T")
+
+#: What else redis-py lets escape when a connection breaks under a command (besides its
+#: ``RedisError``): raw socket errors, asyncio timeouts, and the ``RuntimeError`` /
+#: ``AttributeError`` of a connection reconnected or closed by another coroutine.
+CLIENT_FAULTS: tuple[type[Exception], ...] = (
+    OSError,
+    asyncio.TimeoutError,
+    RuntimeError,
+    AttributeError,
+)
+_FAULTS: tuple[type[Exception], ...] = (RedisError, *CLIENT_FAULTS)
 
 # Creates the fence hash if missing and refreshes its expiry. Shared by every script below.
 _ENSURE_FENCE = """
@@ -290,7 +302,8 @@ class CounterStore:
     async def _call(
         self, key: str, op: Callable[[], Awaitable[T]], *, idempotent: bool = False
     ) -> T:
-        """Run ``op``, translating redis-py errors into the library's.
+        """Run ``op``, translating redis-py errors (and :data:`CLIENT_FAULTS`) into the
+        library's.
 
         A pooled connection left stale by a server restart fails its next command. Reads
         and idempotent scripts are sent once more on a fresh connection; increments, token
@@ -306,7 +319,7 @@ class CounterStore:
                 return await op()
         except ResponseError as exc:
             raise _translate(exc, key) from exc
-        except RedisError as exc:
+        except _FAULTS as exc:
             raise StoreError(
                 f"counter store failed on {key!r}: {type(exc).__name__}: {exc}", key=key
             ) from exc

@@ -14,15 +14,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from collections.abc import AsyncIterator
 
-from redis.asyncio import Redis
+from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.client import PubSub
-from redis.exceptions import RedisError
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from .keys import seed_channel
 
 log = logging.getLogger(__name__)
+
 
 class Watch:
     """One flight's view of its key's seed announcements: a backoff ``sleep`` that ends
@@ -51,13 +54,44 @@ class Watch:
         self.event.clear()
 
 
+def _pubsub_pool(pool: ConnectionPool) -> ConnectionPool:
+    """A pool with ``pool``'s settings whose connections redis-py never reconnects on its
+    own: with no supported errors its retry layer skips the failure callback that
+    reconnects (it runs even with zero retries), so only :class:`SeedSignals` reconnects."""
+    settings = {
+        **pool.connection_kwargs,
+        "retry": Retry(NoBackoff(), 0, supported_errors=()),
+        "retry_on_error": [],
+        "retry_on_timeout": False,
+    }
+    return ConnectionPool(connection_class=pool.connection_class, **settings)
+
+
 class SeedSignals:
+    """The coordinator's one PubSub connection, carrying every channel its flights wait on.
+
+    redis-py's PubSub is one connection shared by the reader task and the subscribers, and
+    redis-py reconnects it from whichever coroutine hit an error (even with retries off).
+    When the server goes away those reconnects race: two coroutines reading one stream
+    raise ``RuntimeError``, a write on a connection another coroutine just closed raises
+    ``AttributeError``, and the losing socket leaks. So the PubSub has a pool of its own
+    whose connections redis-py never re-establishes, subscribes and unsubscribes take
+    turns (``_lock``), and every call on the PubSub sits behind one error boundary:
+    whatever it raises (those, ``RedisError``, ``OSError``...), the PubSub is torn down and
+    the losers poll; the first subscribe after ``retry_after`` builds a fresh PubSub with
+    every channel still waited on. The wake-up channel never fails a call.
+    """
+
+    retry_after = 0.1
+
     def __init__(self, client: Redis, *, enabled: bool = True) -> None:
-        self._client = client
+        self._pool = _pubsub_pool(client.connection_pool)
         self._enabled = enabled
         self._pubsub: PubSub | None = None
         self._reader: asyncio.Task[None] | None = None
         self._waiters: dict[bytes, set[Watch]] = {}
+        self._lock = asyncio.Lock()
+        self._retry_at = -math.inf
         self._down = False
 
     @contextlib.asynccontextmanager
@@ -71,29 +105,39 @@ class SeedSignals:
                 await self._remove(watch)
 
     async def aclose(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
-        if self._pubsub is not None:
-            await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+        self._waiters.clear()
+        async with self._lock:
+            if self._pubsub is not None:
+                await self._drop(self._pubsub)
+        with contextlib.suppress(Exception):  # an accelerator's teardown fails nobody
+            await self._pool.disconnect()
 
     async def add(self, watch: Watch) -> None:
+        """Subscribe ``watch`` to its channel; on any failure it polls instead."""
         channel = watch.channel
         watches = self._waiters.setdefault(channel, set())
         watches.add(watch)
-        if len(watches) > 1:
+        if len(watches) > 1 and self._pubsub is not None:
             return
-        try:
-            if self._pubsub is None:
-                self._pubsub = self._client.pubsub(ignore_subscribe_messages=True)
-            await self._pubsub.subscribe(channel)
-        except RedisError as exc:
-            self._failed(exc)
-            return
-        self._restored()
-        if self._reader is None or self._reader.done():
-            self._reader = asyncio.get_running_loop().create_task(self._read(self._pubsub))
+        async with self._lock:
+            pubsub = self._pubsub
+            if pubsub is None:
+                if asyncio.get_running_loop().time() < self._retry_at:
+                    return
+                pubsub = PubSub(self._pool, ignore_subscribe_messages=True)
+                channels = list(self._waiters)  # a fresh PubSub carries every waiter
+            else:
+                channels = [channel]
+            try:
+                await pubsub.subscribe(*channels)
+            except Exception as exc:
+                self._failed(exc)
+                await self._drop(pubsub)
+                return
+            self._pubsub = pubsub
+            self._restored()
+            if self._reader is None or self._reader.done():
+                self._reader = asyncio.get_running_loop().create_task(self._read(pubsub))
 
     async def _remove(self, watch: Watch) -> None:
         channel = watch.channel
@@ -104,34 +148,54 @@ class SeedSignals:
         if watches:
             return
         del self._waiters[channel]
-        if self._pubsub is not None:
-            with contextlib.suppress(RedisError):
-                await self._pubsub.unsubscribe(channel)
+        async with self._lock:
+            pubsub = self._pubsub
+            if pubsub is None:
+                return
+            try:
+                await pubsub.unsubscribe(channel)
+            except Exception as exc:
+                self._failed(exc)
+                await self._drop(pubsub)
 
     async def _read(self, pubsub: PubSub) -> None:
-        while self._waiters:
+        while self._waiters and self._pubsub is pubsub:
             try:
                 message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-            except RedisError as exc:
-                # redis-py reconnects and resubscribes on the next read; until then the
-                # losers fall back to their backoff.
+            except Exception as exc:
+                # Not redis-py's own reconnect: it would race the subscribers' writes.
                 self._failed(exc)
-                await asyncio.sleep(0.1)
-                continue
-            self._restored()
+                async with self._lock:
+                    await self._drop(pubsub)
+                return
             if message is not None and message.get("type") == "message":
                 for watch in self._waiters.get(message["channel"], ()):
                     watch.seeded = message["data"]
                     watch.event.set()
 
-    def _failed(self, exc: RedisError) -> None:
+    async def _drop(self, pubsub: PubSub) -> None:
+        """Tear ``pubsub`` down (the caller holds ``_lock``); the next subscribe after
+        ``retry_after`` builds a new one."""
+        if self._pubsub is pubsub:
+            self._pubsub = None
+            self._retry_at = asyncio.get_running_loop().time() + self.retry_after
+            reader = self._reader
+            if reader is not None and reader is not asyncio.current_task():
+                reader.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reader
+        with contextlib.suppress(Exception):  # closing a broken connection may fail too
+            await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    def _failed(self, exc: Exception) -> None:
         # Once per outage: a retry every 0.1 s would otherwise log ten lines a second.
         if self._down:
-            log.debug("seed notifications still down: %s", exc)
+            log.debug("seed notifications still down: %s: %s", type(exc).__name__, exc)
             return
         self._down = True
         log.warning(
-            "seed notifications down, losers fall back to backoff: %s",
+            "seed notifications down, losers fall back to backoff: %s: %s",
+            type(exc).__name__,
             exc,
             extra={"outcome": "pubsub_down"},
         )

@@ -76,7 +76,9 @@ def fleet(servers: EmbeddedServers) -> Iterator[tuple[Servers, list[Pod]]]:
 async def _install(dsn: str) -> None:
     async with await PostgresSpendSource.connect(dsn) as source:
         await source.install_schema()
-        await source.pool.execute("TRUNCATE budget_entity, team_member, api_key, spend_ledger, spend_outbox")
+        await source.pool.execute(
+            "TRUNCATE budget_entity, team_member, api_key, spend_ledger, spend_outbox"
+        )
 
 
 @pytest.fixture

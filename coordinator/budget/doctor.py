@@ -65,9 +65,11 @@ from ..errors import (
     ReseedError,
     SourceError,
 )
+from ..keys import SEPARATOR
+from ..sources import DB_ERRORS
 from ..values import Snapshot, parse_stored
 from .guard import SCOPES, EntityId, Scope, parse_spend_key, spend_id
-from .spend_source import DB_ERRORS, OutboxLag, outbox_lag, unapplied
+from .spend_source import OutboxLag, outbox_lag, unapplied
 
 Status = Literal["inflated", "low", "no_ttl", "garbage", "missing_row", "healthy"]
 STATUSES: tuple[Status, ...] = get_args(Status)
@@ -80,7 +82,6 @@ DEFAULT_TOLERANCE = 0.01
 _ABSOLUTE_SLACK = 1e-9
 DEFAULT_BATCH = 1000
 FIX_CONCURRENCY = 16
-_SEPARATOR = b"\x1f"
 
 
 _ENTITIES = (
@@ -346,7 +347,7 @@ class Doctor:
             cursor, keys = await self.store.scan(cursor, match=pattern, count=self.batch)
             for key in keys:
                 raw = key if isinstance(key, bytes) else key.encode()
-                if _SEPARATOR not in raw:
+                if SEPARATOR.encode() not in raw:
                     pending.append(raw)
             while len(pending) >= self.batch:
                 yield pending[: self.batch]

@@ -31,7 +31,7 @@ import asyncpg
 
 from ..coordinator import Loader
 from ..errors import ConfigurationError, MissingRowError, SourceError
-from ..sources import PostgresSource
+from ..sources import DB_ERRORS, PostgresSource
 from ..values import check_amount
 from .guard import (
     SCOPES,
@@ -103,10 +103,6 @@ _SET_MEMBER = """
 INSERT INTO team_member (team_id, user_id, max_budget) VALUES ($1, $2, $3)
 ON CONFLICT (team_id, user_id) DO UPDATE SET max_budget = EXCLUDED.max_budget
 """
-
-#: What asyncpg raises when the database fails.
-DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
-
 
 def schema_sql() -> str:
     """The shipped schema (``CREATE TABLE IF NOT EXISTS``: safe to run again)."""

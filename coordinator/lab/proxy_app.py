@@ -37,7 +37,6 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import asyncpg
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -55,11 +54,12 @@ from ..budget import (
 )
 from ..budget.spend_source import PostgresSpendSource
 from ..errors import MissingRowError
+from ..sources import DB_ERRORS
 from .proxy import ENV_PREFIX, hash_api_key
 
-DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
-
 AUTH_CACHE_SECONDS = 5.0
+# A budget read that failed on either side: answered 503, never a false 200 or 429.
+UNAVAILABLE: tuple[type[Exception], ...] = (ReseedError, *DB_ERRORS)
 
 # Budgets of the key and everything it belongs to, in one query.
 _AUTH = """
@@ -251,7 +251,7 @@ class Pod:
             )
         except (BadRequest, ValueError) as exc:
             return _error(400, "invalid_request", str(exc))
-        except (ReseedError, *DB_ERRORS) as exc:
+        except UNAVAILABLE as exc:
             return _error(503, "budget_unavailable", f"{type(exc).__name__}: {exc}")
 
         await asyncio.sleep(latency / 1000)  # the model call
