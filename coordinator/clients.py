@@ -8,6 +8,8 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from .errors import ConfigurationError
+
 
 def redis_client(url: str, *, timeout: float, max_connections: int = 100) -> Redis:
     """A client that fails fast and never resends a command on its own.
@@ -34,7 +36,10 @@ def redis_client(url: str, *, timeout: float, max_connections: int = 100) -> Red
         pass
     else:
         options["maint_notifications_config"] = MaintNotificationsConfig(enabled=False)
-    pool = BlockingConnectionPool.from_url(
-        url, max_connections=max_connections, timeout=timeout, **options
-    )
+    try:
+        pool = BlockingConnectionPool.from_url(
+            url, max_connections=max_connections, timeout=timeout, **options
+        )
+    except ValueError as exc:  # redis-py's word for a bad scheme, port or database
+        raise ConfigurationError(f"invalid Redis URL {url!r}: {exc}") from exc
     return Redis.from_pool(pool)

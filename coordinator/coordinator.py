@@ -194,6 +194,7 @@ class ReseedCoordinator:
     async def get(self, key: str, loader: Loader, *, wait: float | None = None) -> float:
         """The counter at ``key``, rebuilt from ``loader`` if it is missing."""
         key = validate_key(key)
+        _check_loader(loader, key)
         budget = self._budget(wait)
         self._check_open()
         try:  # _guard, inlined: one coroutine less on the hot path
@@ -213,6 +214,8 @@ class ReseedCoordinator:
         """Several counters, in order: one MGET round trip when all are present; the
         missing ones are rebuilt concurrently, each through the full protocol."""
         keys = [validate_key(key) for key, _ in requests]
+        for key, (_, loader) in zip(keys, requests, strict=True):
+            _check_loader(loader, key)
         budget = self._budget(wait)
         self._check_open()
         if not keys:
@@ -243,6 +246,8 @@ class ReseedCoordinator:
         """
         key = validate_key(key)
         amount = check_amount(amount, key)
+        if loader is not None:
+            _check_loader(loader, key)
         budget = self._budget(wait)
         self._check_open()
         deadline = asyncio.get_running_loop().time() + budget
@@ -519,3 +524,10 @@ class ReseedCoordinator:
         except StoreError:
             self._count("store_errors")
             raise
+
+
+def _check_loader(loader: object, key: str) -> None:
+    # Caught here, a non-callable is a setup mistake; caught in the rebuild, it would reach
+    # every waiter as a LoaderError, as if the database had failed.
+    if not callable(loader):
+        raise ConfigurationError(f"loader for {key!r} must be an async callable, got {loader!r}")
