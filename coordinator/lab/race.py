@@ -589,17 +589,18 @@ def _race(args: argparse.Namespace) -> int:
 def legend(deployment: Deployment) -> str:
     """What the table's columns and strategies mean, and which servers it ran on."""
     binary = deployment.redis_binary
-    embedded = "embedded " if deployment.store is not None else ""
-    redis = (
-        f"{embedded}{binary.version} (from {binary.origin})"
-        if binary
-        else "the Redis servers given"
+    runs = f" on {binary.version} ({binary.origin})" if binary else ""
+    given = "given by URL"
+    store = f"embedded{runs}" if deployment.store else given
+    masters = f"{len(deployment.servers.lock_urls)} lock masters " + (
+        "embedded" if deployment.masters else given
     )
-    postgres = "embedded PostgreSQL" if deployment.postgres else "the PostgreSQL given"
+    embedded_pg = deployment.postgres is not None and not deployment.postgres.external
+    postgres = "embedded" if embedded_pg else "given by DSN"
     return (
         "x db = final counter / DB value (1 is right; naive ends at one DB value per pod); "
         "db reads = loader calls fleet-wide.\n"
         "coordinated = this library; per-process = LiteLLM 1.84.10 (SET NX); naive = LiteLLM "
-        f"1.83.14 (INCRBYFLOAT). Ran on {redis} (1 counter store, "
-        f"{len(deployment.servers.lock_urls)} lock masters) and {postgres}."
+        f"1.83.14 (INCRBYFLOAT). Servers: counter store {store}, {masters}, PostgreSQL "
+        f"{postgres}."
     )
