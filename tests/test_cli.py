@@ -30,6 +30,7 @@ from coordinator.budget.spend_source import PostgresSpendSource
 from coordinator.lab import cli
 from coordinator.lab.embedded import EmbeddedServers, choose_redis_server
 from coordinator.lab.race import legend
+from coordinator.lab.serve import LOCK_URLS, PG_DSN, REDIS_URL
 from coordinator.lab.servers import Deployment
 
 CLOSED = "127.0.0.1:1"  # nothing listens on port 1: connections are refused at once
@@ -49,8 +50,9 @@ COMMANDS = {
 
 
 def _env(**extra: str) -> dict[str, str]:
-    """This environment without the RESEED_* variables a developer may have exported."""
-    env = {name: value for name, value in os.environ.items() if not name.startswith("RESEED_")}
+    """This environment without the server variables a developer may have exported."""
+    exported = {REDIS_URL, LOCK_URLS, PG_DSN}
+    env = {name: value for name, value in os.environ.items() if name not in exported}
     return {**env, **extra}
 
 

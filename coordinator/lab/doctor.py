@@ -146,13 +146,14 @@ async def _run(args: argparse.Namespace) -> int:
         except RedisError as exc:
             raise CommandError(
                 f"cannot reach the counter store at {args.redis_url}: {describe(exc)} "
-                "(check --redis-url)"
+                f"(check --redis-url or ${REDIS_URL})"
             ) from exc
         try:
             db = await asyncpg.connect(args.pg_dsn, timeout=10.0)
         except Exception as exc:
             raise CommandError(
-                f"cannot connect to PostgreSQL at {args.pg_dsn}: {describe(exc)} (check --pg-dsn)"
+                f"cannot connect to PostgreSQL at {args.pg_dsn}: {describe(exc)} "
+                f"(check --pg-dsn or ${PG_DSN})"
             ) from exc
         try:
             return await _examine_and_fix(args, store, db)
