@@ -207,14 +207,3 @@ def started_servers(
         yield Deployment(servers, store, masters, postgres, binary)
     finally:
         running.close()
-
-
-@contextlib.contextmanager
-def server_urls(
-    redis_url: str | None = None,
-    lock_urls: Sequence[str] = (),
-    pg_dsn: str | None = None,
-) -> Iterator[Servers]:
-    """:func:`started_servers` for callers that need only the URLs."""
-    with started_servers(redis_url, lock_urls, pg_dsn) as deployment:
-        yield deployment.servers
