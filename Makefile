@@ -1,5 +1,5 @@
 # Two entry points for a fresh machine: `make demo` and `make test`.
-# Each builds .venv with what it needs; no system Redis or PostgreSQL is used.
+# Each builds .venv with what it needs and starts its own throwaway servers (README, top).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python

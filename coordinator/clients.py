@@ -41,5 +41,5 @@ def redis_client(url: str, *, timeout: float, max_connections: int = 100) -> Red
             url, max_connections=max_connections, timeout=timeout, **options
         )
     except ValueError as exc:  # redis-py's verdict on the URL
-        raise ConfigurationError(f"bad Redis URL {url!r}: {exc}") from exc
+        raise ConfigurationError(f"invalid Redis URL {url!r}: {exc}") from exc
     return Redis.from_pool(pool)

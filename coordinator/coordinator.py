@@ -239,6 +239,7 @@ class ReseedCoordinator:
     async def get(self, key: str, loader: Loader, *, wait: float | None = None) -> float:
         """The counter at ``key``, rebuilt from ``loader`` if it is missing."""
         key = validate_key(key)
+        _check_loader(loader, key)
         budget = self._budget(wait)
         self._check_open()
         try:  # _guard, inlined: one coroutine less on the hot path
@@ -258,6 +259,8 @@ class ReseedCoordinator:
         """Several counters, in order: one MGET round trip when all are present; the
         missing ones are rebuilt concurrently, each through the full protocol."""
         keys = [validate_key(key) for key, _ in requests]
+        for key, (_, loader) in zip(keys, requests, strict=True):
+            _check_loader(loader, key)
         budget = self._budget(wait)
         self._check_open()
         if not keys:
@@ -288,6 +291,8 @@ class ReseedCoordinator:
         """
         key = validate_key(key)
         amount = check_amount(amount, key)
+        if loader is not None:
+            _check_loader(loader, key)
         budget = self._budget(wait)
         self._check_open()
         deadline = asyncio.get_running_loop().time() + budget
@@ -590,3 +595,10 @@ class ReseedCoordinator:
         except StoreError:
             self._count("store_errors")
             raise
+
+
+def _check_loader(loader: object, key: str) -> None:
+    # Caught here, a non-callable is a setup mistake; caught in the rebuild, it would reach
+    # every waiter as a LoaderError, as if the database had failed.
+    if not callable(loader):
+        raise ConfigurationError(f"loader for {key!r} must be an async callable, got {loader!r}")

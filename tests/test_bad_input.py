@@ -14,6 +14,7 @@ import pytest
 from redis.asyncio import Redis
 
 from coordinator import (
+    ConfigurationError,
     CorruptCounterError,
     InvalidKeyError,
     InvalidValueError,
@@ -149,6 +150,34 @@ async def test_a_sync_loader_is_refused(make_coordinator: CoordFactory, store: R
         await make_coordinator().get(KEY, lambda: DB_VALUE)
     assert_names(caught.value)
     assert await store.get(KEY) is None
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda coord: coord.get(KEY, DB_VALUE),
+        lambda coord: coord.get_many([(KEY, DB_VALUE)]),
+        lambda coord: coord.increment(KEY, 1.0, loader=DB_VALUE),
+    ],
+    ids=["get", "get_many", "increment"],
+)
+async def test_a_non_callable_loader_is_a_configuration_error(
+    make_coordinator: CoordFactory, store: Redis, call: Callable[[Any], Awaitable[Any]]
+) -> None:
+    coordinator = make_coordinator()
+    with pytest.raises(ConfigurationError) as caught:
+        await call(coordinator)
+    assert_names(caught.value)
+    assert coordinator.stats.loader_errors == 0
+    assert await store.keys("*") == []
+
+
+@pytest.mark.parametrize("url", ["http://x", "redis://x:notaport", ""])
+@pytest.mark.parametrize("where", ["store", "lock"])
+def test_a_bad_redis_url_is_a_configuration_error(url: str, where: str) -> None:
+    store, locks = (url, []) if where == "store" else ("redis://127.0.0.1:1", [url])
+    with pytest.raises(ConfigurationError, match="invalid Redis URL"):
+        ReseedCoordinator.from_urls(store, lock_urls=locks)
 
 
 # -- what is stored at the key ---------------------------------------------------------

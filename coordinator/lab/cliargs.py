@@ -1,12 +1,16 @@
-"""What every command of ``python -m coordinator`` shares: argument types, the server
-flags, the error a command raises when it cannot run, and JSON output."""
+"""What every command of ``python -m coordinator`` shares: argument types, list flags, the
+help format, the server flags, the error a command raises when it cannot run, and JSON
+output."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import math
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 class CommandError(RuntimeError):
@@ -38,17 +42,73 @@ def non_negative(text: str) -> float:
     return value
 
 
-def add_server_flags(parser: argparse.ArgumentParser) -> None:
-    """--redis-url, --lock-url (repeatable) and --pg-dsn; embedded servers when absent."""
-    parser.add_argument("--redis-url", help="counter store (default: an embedded redis-server)")
+class HelpFormatter(argparse.HelpFormatter):
+    """Every default written one way, ``(default: X)``: added to each help that has a
+    default and does not say it already (a default of None is said in the help itself)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "(default: " in text or action.default in (None, False, [], argparse.SUPPRESS):
+            return text
+        values = action.default if isinstance(action.default, list) else [action.default]
+        shown = ",".join(
+            f"{value:g}" if isinstance(value, float) else str(value) for value in values
+        )
+        return f"{text} (default: {shown})"
+
+
+def list_flag(
+    parser: argparse.ArgumentParser,
+    flag: str,
+    item: Callable[[str], T],
+    *,
+    default: Sequence[T] | None = None,
+    metavar: str,
+    help: str,
+) -> None:
+    """A list-valued flag, the same on every command: give it once with several values
+    separated by commas (or spaces), or repeat it; the values add up, in order."""
+    head, said, default_text = help.partition(" (default: ")
     parser.add_argument(
-        "--lock-url",
-        action="append",
-        default=[],
-        metavar="URL",
-        help="a Redlock master; repeat for each (default: 3 embedded redis-servers)",
+        flag,
+        type=lambda text: [item(part) for part in text.split(",") if part],
+        nargs="+",
+        action=_Extend,
+        default=list(default) if default is not None else [],
+        metavar=metavar,
+        help=f"{head}; several: {metavar},{metavar} or repeat the flag{said}{default_text}",
     )
-    parser.add_argument("--pg-dsn", help="PostgreSQL DSN (default: an embedded PostgreSQL)")
+
+
+class _Extend(argparse.Action):
+    """Flattens ``--flag a,b c --flag d`` into [a, b, c, d], replacing the default."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        given = getattr(namespace, self.dest)
+        so_far = [] if given is self.default else list(given)
+        setattr(namespace, self.dest, so_far + [value for part in values for value in part])
+
+
+def add_server_flags(parser: argparse.ArgumentParser) -> None:
+    """--redis-url, --lock-url (a list) and --pg-dsn; embedded servers when absent."""
+    parser.add_argument("--redis-url", help="counter store (default: an embedded redis-server)")
+    list_flag(
+        parser,
+        "--lock-url",
+        str,
+        metavar="URL",
+        help="the Redlock masters (default: 3 embedded redis-servers)",
+    )
+    parser.add_argument(
+        "--pg-dsn",
+        help="PostgreSQL DSN (default: $RESEED_PG_DSN if set, else an embedded PostgreSQL)",
+    )
 
 
 def print_json(document: Any) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -16,7 +17,8 @@ from ..budget.doctor import DEFAULT_BATCH, DEFAULT_TOLERANCE, Doctor, Finding, R
 from ..budget.guard import SCOPES
 from ..coordinator import ReseedCoordinator
 from ..errors import SourceError
-from .cliargs import CommandError, non_negative, positive_int, print_json
+from .cliargs import CommandError, describe, list_flag, non_negative, positive_int, print_json
+from .serve import LOCK_URLS, PG_DSN, REDIS_URL
 from .table import format_table, number
 
 
@@ -49,11 +51,17 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
             "2 setup error."
         ),
     )
-    parser.add_argument("--redis-url", required=True, help="the counter store")
-    parser.add_argument("--pg-dsn", required=True, help="PostgreSQL DSN of the spend tables")
     parser.add_argument(
-        "--namespace", default="litellm", help="counter key prefix (default litellm)"
+        "--redis-url",
+        default=os.environ.get(REDIS_URL) or None,
+        help=f"the counter store (default: ${REDIS_URL}, as `servers` prints it)",
     )
+    parser.add_argument(
+        "--pg-dsn",
+        default=os.environ.get(PG_DSN) or None,
+        help=f"PostgreSQL DSN of the spend tables (default: ${PG_DSN})",
+    )
+    parser.add_argument("--namespace", default="litellm", help="counter key prefix")
     parser.add_argument(
         "--query",
         type=_scope_query,
@@ -71,13 +79,13 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "--tolerance",
         type=_fraction,
         default=DEFAULT_TOLERANCE,
-        help=f"relative slack of every comparison (default {DEFAULT_TOLERANCE})",
+        help="relative slack of every comparison",
     )
     parser.add_argument(
         "--batch",
         type=positive_int,
         default=DEFAULT_BATCH,
-        help=f"counters per round trip and per DB query (default {DEFAULT_BATCH})",
+        help="counters per round trip and per DB query",
     )
     parser.add_argument("--all", action="store_true", help="list healthy counters too")
     parser.add_argument("--json", action="store_true", help="print one JSON document")
@@ -88,49 +96,65 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "(fenced reset, then one DB read each)",
     )
     parser.add_argument("--yes", action="store_true", help="fix without asking")
-    parser.add_argument(
+    list_flag(
+        parser,
         "--lock-url",
-        action="append",
-        default=[],
+        str,
+        default=[url for url in os.environ.get(LOCK_URLS, "").split(",") if url],
         metavar="URL",
-        help="a Redlock master of the deployment, for --fix; repeat for each (default: the "
+        help=f"the deployment's Redlock masters, for --fix (default: ${LOCK_URLS}, else the "
         "counter store alone)",
     )
     parser.add_argument(
         "--ttl",
         type=positive_int,
         default=60,
-        help="expiry of the rebuilt counters, seconds (default 60, LiteLLM's)",
+        help="expiry of the rebuilt counters, seconds (default: 60, LiteLLM's)",
     )
     parser.add_argument(
         "--idempotency-window",
         type=positive_int,
         default=600,
         help="the guards' idempotency_window, seconds: how long --fix's rebuilds mark the "
-        "outbox rows they count (default 600)",
+        "outbox rows they count",
     )
     parser.set_defaults(run=_doctor)
 
 
 def _doctor(args: argparse.Namespace) -> int:
+    for flag, name, value in (
+        ("--redis-url", REDIS_URL, args.redis_url),
+        ("--pg-dsn", PG_DSN, args.pg_dsn),
+    ):
+        if not value:
+            raise CommandError(
+                f"no {flag}: give it, or set {name} (`python -m coordinator servers` prints it)"
+            )
     if args.fix and not args.yes and not sys.stdin.isatty():
         raise CommandError("--fix needs --yes when stdin is not a terminal (no one to ask)")
     return asyncio.run(_run(args))
 
 
 async def _run(args: argparse.Namespace) -> int:
-    store = Redis.from_url(args.redis_url, socket_timeout=10.0, socket_connect_timeout=5.0)
+    try:
+        store = Redis.from_url(args.redis_url, socket_timeout=10.0, socket_connect_timeout=5.0)
+    except ValueError as exc:
+        raise CommandError(f"invalid --redis-url {args.redis_url!r}: {exc}") from exc
     try:
         try:
             await store.ping()
         except RedisError as exc:
             raise CommandError(
-                f"cannot reach the counter store at {args.redis_url}: {exc}"
+                f"cannot reach the counter store at {args.redis_url}: {describe(exc)} "
+                f"(check --redis-url or ${REDIS_URL})"
             ) from exc
         try:
             db = await asyncpg.connect(args.pg_dsn, timeout=10.0)
         except Exception as exc:
-            raise CommandError(f"cannot connect to PostgreSQL at {args.pg_dsn}: {exc}") from exc
+            raise CommandError(
+                f"cannot connect to PostgreSQL at {args.pg_dsn}: {describe(exc)} "
+                f"(check --pg-dsn or ${PG_DSN})"
+            ) from exc
         try:
             return await _examine_and_fix(args, store, db)
         finally:

@@ -4,8 +4,9 @@ Each pod is a uvicorn process running :mod:`coordinator.lab.proxy_app` (a Starle
 coordinator, asyncpg pool and :class:`~coordinator.budget.BudgetGuard`) on a loopback
 port. They share one counter store, three lock masters and PostgreSQL: embedded ones unless
 ``--redis-url/--lock-url/--pg-dsn`` are given. The command installs the spend schema, seeds a
-demo API key with a small budget, prints the pods' URLs and a curl to try, and runs until
-Ctrl-C. :func:`run_pods` is the same launcher for tests.
+demo API key with a small budget, prints the pods' URLs, the servers (as ``export`` lines)
+and a curl to try, and runs until Ctrl-C or SIGTERM. :func:`run_pods` is the same launcher
+for tests.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ from ..budget.spend_source import PostgresSpendSource
 from ..coordinator import ReseedCoordinator
 from .cliargs import CommandError, add_server_flags, non_negative, positive_int
 from .embedded.process import file_size, free_port, read_since, spawn
-from .servers import Servers, server_urls
+from .serve import export_lines
+from .servers import Deployment, Servers, started_servers
 
 if TYPE_CHECKING:
     import httpx
@@ -239,7 +241,7 @@ async def seed_demo(servers: Servers, *, key_budget: float, cost: float) -> Demo
     return Demo(DEMO_KEY, key_hash, key_budget, cost)
 
 
-def _banner(pods: list[Pod], demo: Demo) -> str:
+def _banner(pods: list[Pod], demo: Demo, deployment: Deployment) -> str:
     url = pods[0].url
     refused = int(demo.key_budget // demo.cost) + 1 if demo.cost else None
     body = '{"model": "demo", "messages": [{"role": "user", "content": "hi"}]}'
@@ -258,7 +260,15 @@ def _banner(pods: list[Pod], demo: Demo) -> str:
         f"    -d '{reset}'",
         f"a pod's counters: curl -s {url}/_stats",
         "",
-        "Ctrl-C stops the pods (and the embedded servers).",
+        "the servers they share (paste into a shell for doctor or your own code):",
+        *(f"  {line}" for line in export_lines(deployment.servers)),
+        *(
+            [f"  redis-server: {deployment.redis_binary.describe()}"]
+            if deployment.redis_binary
+            else []
+        ),
+        "",
+        "Ctrl-C or SIGTERM stops the pods (and the embedded servers).",
     ]
     return "\n".join(lines)
 
@@ -270,25 +280,25 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         description=(
             "Start N uvicorn processes of coordinator.lab.proxy_app on loopback ports, sharing one "
             "counter store, three lock masters and PostgreSQL (embedded unless given), seed a "
-            "demo API key with a budget, print the URLs and a curl to try, and run until Ctrl-C."
+            "demo API key with a budget, print the URLs, the servers and a curl to try, and run "
+            "until Ctrl-C or SIGTERM."
         ),
     )
-    parser.add_argument("--pods", type=positive_int, default=3, help="uvicorn processes (3)")
+    parser.add_argument("--pods", type=positive_int, default=3, help="uvicorn processes")
     parser.add_argument(
-        "--key-budget", type=non_negative, default=3.0, help="the demo key's budget (3)"
+        "--key-budget", type=non_negative, default=3.0, help="the demo key's budget"
     )
+    parser.add_argument("--cost", type=non_negative, default=1.0, help="simulated cost per request")
     parser.add_argument(
-        "--cost", type=non_negative, default=1.0, help="simulated cost per request (1)"
-    )
-    parser.add_argument(
-        "--latency-ms", type=non_negative, default=20.0, help="simulated model latency (20)"
+        "--latency-ms", type=non_negative, default=20.0, help="simulated model latency"
     )
     add_server_flags(parser)
     parser.set_defaults(run=_proxy)
 
 
 def _proxy(args: argparse.Namespace) -> int:
-    with server_urls(args.redis_url, args.lock_url, args.pg_dsn) as servers:
+    with started_servers(args.redis_url, args.lock_url, args.pg_dsn) as deployment:
+        servers = deployment.servers
         demo = asyncio.run(seed_demo(servers, key_budget=args.key_budget, cost=args.cost))
         settings = {
             "DEBUG": "1",
@@ -297,11 +307,11 @@ def _proxy(args: argparse.Namespace) -> int:
             "LATENCY_MS": repr(args.latency_ms),
         }
         with run_pods(servers, args.pods, settings) as pods:
-            print(_banner(pods, demo), flush=True)
+            print(_banner(pods, demo, deployment), flush=True)
             try:
                 while all(pod.process.poll() is None for pod in pods):
                     time.sleep(0.5)
-            except KeyboardInterrupt:
+            except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (the CLI raises it for both)
                 print("stopping the pods", file=sys.stderr)
                 return 0
             dead = next(pod for pod in pods if pod.process.poll() is not None)

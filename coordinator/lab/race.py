@@ -43,12 +43,13 @@ from .cliargs import (
     CommandError,
     add_server_flags,
     describe,
+    list_flag,
     non_negative,
     positive_int,
     print_json,
 )
 from .pods import SETUP_TIMEOUT, Fleet, Link
-from .servers import Servers, server_urls, unreachable
+from .servers import Deployment, Servers, started_servers, unreachable
 from .table import format_table, number
 
 Strategy = Literal["coordinated", "per-process", "naive"]
@@ -527,9 +528,9 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
             "at the end."
         ),
     )
-    parser.add_argument("--pods", type=positive_int, default=8, help="processes (default 8)")
+    list_flag(parser, "--pods", positive_int, default=[8], metavar="N", help="processes racing")
     parser.add_argument(
-        "--callers", type=positive_int, default=16, help="concurrent callers per pod (default 16)"
+        "--callers", type=positive_int, default=16, help="concurrent callers per pod"
     )
     parser.add_argument(
         "--strategy",
@@ -537,21 +538,22 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         default="all",
         help=(
             "coordinated: ReseedCoordinator; per-process: LiteLLM 1.84.10 (SET NX, "
-            "per-process lock); naive: LiteLLM 1.83.14 (INCRBYFLOAT); all: the three in turn "
-            "(default)"
+            "per-process lock); naive: LiteLLM 1.83.14 (INCRBYFLOAT); all: the three in turn"
         ),
     )
-    parser.add_argument(
+    list_flag(
+        parser,
         "--db-delay-ms",
-        type=non_negative,
-        default=50.0,
-        help="pg_sleep added to every DB read (default 50)",
+        non_negative,
+        default=[50.0],
+        metavar="MS",
+        help="pg_sleep added to every DB read",
     )
+    parser.add_argument("--db-value", type=non_negative, default=100.0, help="the row's spend")
     parser.add_argument(
-        "--db-value", type=non_negative, default=100.0, help="the row's spend (default 100)"
-    )
-    parser.add_argument(
-        "--json", action="store_true", help="print JSON (a list of objects with --strategy all)"
+        "--json",
+        action="store_true",
+        help="print JSON: one object for one race, else a list (each with the redis-server)",
     )
     add_server_flags(parser)
     parser.set_defaults(run=_race)
@@ -559,21 +561,46 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 def _race(args: argparse.Namespace) -> int:
     strategies: list[Strategy] = list(STRATEGIES) if args.strategy == "all" else [args.strategy]
-    with server_urls(args.redis_url, args.lock_url, args.pg_dsn) as servers:
+    with started_servers(args.redis_url, args.lock_url, args.pg_dsn) as deployment:
         results = [
             run_race(
                 strategy,
-                servers,
-                pods=args.pods,
+                deployment.servers,
+                pods=pods,
                 callers=args.callers,
-                db_delay_ms=args.db_delay_ms,
+                db_delay_ms=delay,
                 db_value=args.db_value,
             )
+            for pods in args.pods
+            for delay in args.db_delay_ms
             for strategy in strategies
         ]
+    binary = deployment.redis_binary
     if args.json:
-        documents = [result.as_dict() for result in results]
-        print_json(documents if args.strategy == "all" else documents[0])
+        server = None if binary is None else binary.as_dict()
+        documents = [{**result.as_dict(), "redis_server": server} for result in results]
+        print_json(documents[0] if len(documents) == 1 else documents)
     else:
         print(format_results(results))
+        print(legend(deployment))
     return 0
+
+
+def legend(deployment: Deployment) -> str:
+    """What the table's columns and strategies mean, and which servers it ran on."""
+    binary = deployment.redis_binary
+    runs = f" on {binary.version} ({binary.origin})" if binary else ""
+    given = "given by URL"
+    store = f"embedded{runs}" if deployment.store else given
+    masters = f"{len(deployment.servers.lock_urls)} lock masters " + (
+        "embedded" if deployment.masters else given
+    )
+    embedded_pg = deployment.postgres is not None and not deployment.postgres.external
+    postgres = "embedded" if embedded_pg else "given by DSN"
+    return (
+        "x db = final counter / DB value (1 is right; naive ends at one DB value per pod); "
+        "db reads = loader calls fleet-wide.\n"
+        "coordinated = this library; per-process = LiteLLM 1.84.10 (SET NX); naive = LiteLLM "
+        f"1.83.14 (INCRBYFLOAT). Servers: counter store {store}, {masters}, PostgreSQL "
+        f"{postgres}."
+    )

@@ -4,17 +4,28 @@ for the commands that inject faults into them."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import os
+import sys
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+import asyncpg
 from redis import Redis
 from redis.exceptions import RedisError
 
 from .cliargs import CommandError, describe
-from .embedded import EmbeddedServerError, EmbeddedServers, PostgresServer, RedisServer
+from .embedded import (
+    EmbeddedServerError,
+    EmbeddedServers,
+    PostgresServer,
+    RedisBinary,
+    RedisServer,
+    choose_redis_server,
+)
 
 #: A server a fault needs a handle on: the counter store, the lock masters, PostgreSQL.
 Need = Literal["store", "masters", "postgres"]
@@ -40,6 +51,7 @@ class Deployment:
     store: RedisServer | None = None
     masters: tuple[RedisServer, ...] = ()
     postgres: PostgresServer | None = None
+    redis_binary: RedisBinary | None = None  # what the embedded redis servers run
 
     @classmethod
     def embedded(cls, running: EmbeddedServers) -> Deployment:
@@ -112,17 +124,52 @@ class Deployment:
                 client.delete(*doomed)
 
 
+def _redis_problem(role: str, url: str) -> str | None:
+    try:
+        with Redis.from_url(url, socket_timeout=5.0, socket_connect_timeout=5.0) as client:
+            client.ping()
+    except (RedisError, ValueError) as exc:  # ValueError: a URL redis-py cannot parse
+        return f"cannot reach the {role} at {url}: {describe(exc)}"
+    return None
+
+
 def unreachable(servers: Servers) -> str | None:
     """Why the counter store or a lock master does not answer (None: they all do)."""
     for role, url in [("counter store", servers.redis_url)] + [
         ("lock master", url) for url in servers.lock_urls
     ]:
-        try:
-            with Redis.from_url(url, socket_timeout=5.0, socket_connect_timeout=5.0) as client:
-                client.ping()
-        except RedisError as exc:
-            return f"cannot reach the {role} at {url}: {describe(exc)}"
+        problem = _redis_problem(role, url)
+        if problem is not None:
+            return problem
     return None
+
+
+async def _postgres_problem(dsn: str) -> str | None:
+    try:
+        conn = await asyncpg.connect(dsn, timeout=10.0)
+    except Exception as exc:  # asyncpg raises OSError, its own errors or ValueError
+        return f"cannot connect to PostgreSQL at {dsn}: {describe(exc)}"
+    await conn.close()
+    return None
+
+
+def check_given(redis_url: str | None, lock_urls: Sequence[str], pg_dsn: str | None) -> None:
+    """Fail with one line naming the first server given by URL (or ``RESEED_PG_DSN``) that
+    does not answer, and how to fix it, before any embedded server is started."""
+    redis = [("counter store", "--redis-url", redis_url)] if redis_url else []
+    redis += [("lock master", "--lock-url", url) for url in lock_urls]
+    for role, flag, url in redis:
+        problem = _redis_problem(role, url)
+        if problem is not None:
+            raise ServersError(f"{problem} (check {flag}, or leave it out to start one)")
+    env_dsn = os.environ.get("RESEED_PG_DSN") or None
+    dsn = pg_dsn or env_dsn
+    if dsn is not None:
+        problem = asyncio.run(_postgres_problem(dsn))
+        if problem is not None:
+            where = "--pg-dsn" if pg_dsn else "RESEED_PG_DSN (unset it to start one)"
+            fix = f"check {where}" + (", or leave it out to start one" if pg_dsn else "")
+            raise ServersError(f"{problem} ({fix})")
 
 
 @contextlib.contextmanager
@@ -132,17 +179,22 @@ def started_servers(
     pg_dsn: str | None = None,
 ) -> Iterator[Deployment]:
     """The servers given, plus embedded ones for whatever is missing (the counter store,
-    three lock masters, PostgreSQL), stopped on exit."""
+    three lock masters, PostgreSQL), stopped on exit. The servers given are checked first;
+    the redis-server binary of the embedded ones is announced on stderr."""
+    check_given(redis_url, lock_urls, pg_dsn)
     embedded_redis = (0 if redis_url else 1) + (0 if lock_urls else 3)
     if not embedded_redis and pg_dsn:
         yield Deployment(Servers(redis_url or "", tuple(lock_urls), pg_dsn))
         return
     try:
+        binary = choose_redis_server() if embedded_redis else None
         running = EmbeddedServers(redis_count=embedded_redis, postgres=not pg_dsn)
         running.start()
     except EmbeddedServerError as exc:
         raise ServersError(f"cannot start the embedded servers: {exc}") from exc
     try:
+        if binary is not None:
+            print(f"embedded redis-server: {binary.describe()}", file=sys.stderr, flush=True)
         spare = iter(running.redis)
         store = None if redis_url else next(spare)
         masters = () if lock_urls else tuple(spare)
@@ -152,17 +204,6 @@ def started_servers(
             tuple(lock_urls) or tuple(server.url for server in masters),
             pg_dsn or (postgres.dsn if postgres else ""),
         )
-        yield Deployment(servers, store, masters, postgres)
+        yield Deployment(servers, store, masters, postgres, binary)
     finally:
         running.close()
-
-
-@contextlib.contextmanager
-def server_urls(
-    redis_url: str | None = None,
-    lock_urls: Sequence[str] = (),
-    pg_dsn: str | None = None,
-) -> Iterator[Servers]:
-    """:func:`started_servers` for callers that need only the URLs."""
-    with started_servers(redis_url, lock_urls, pg_dsn) as deployment:
-        yield deployment.servers

@@ -33,8 +33,15 @@ from typing import Any
 import asyncpg
 from redis.asyncio import Redis
 
-from ..cliargs import CommandError, add_server_flags, non_negative, positive_int, print_json
-from ..embedded import RedisServer
+from ..cliargs import (
+    CommandError,
+    add_server_flags,
+    list_flag,
+    non_negative,
+    positive_int,
+    print_json,
+)
+from ..embedded import RedisBinary, RedisServer
 from ..race import PodReport, percentile
 from ..servers import Servers, started_servers
 from .micro import MicroPlan, alternating, hot_path, lock_cost
@@ -207,7 +214,11 @@ def _load() -> list[float]:
 
 
 def run_bench(
-    plan: Plan, servers: Servers, victim: RedisServer | None, progress: Progress
+    plan: Plan,
+    servers: Servers,
+    victim: RedisServer | None,
+    progress: Progress,
+    redis_binary: RedisBinary | None = None,
 ) -> dict[str, Any]:
     """Every section in turn; the JSON document of the run."""
     started = time.time()
@@ -243,7 +254,10 @@ def run_bench(
             "load_average_before": load_before,
             "load_average_after": _load(),
         },
-        "servers": {"embedded_lock_masters": victim is not None},
+        "servers": {
+            "embedded_lock_masters": victim is not None,
+            "redis_server_binary": None if redis_binary is None else redis_binary.as_dict(),
+        },
         "cold_stampede": cells,
         "seed_wakeup": seed_wakeup(cells, plan.pods, plan.db_delays_ms),
         "hot_path": hot,
@@ -296,16 +310,26 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "--out",
         type=Path,
         default=Path("docs/bench"),
-        help="directory for the JSON, table and plot (default docs/bench)",
+        help="directory for the JSON, table and plot",
+    )
+    list_flag(
+        parser,
+        "--pods",
+        positive_int,
+        metavar="N",
+        help="pod counts (default: the mode's, 1,2,4,8,16 or --quick's 2,8)",
+    )
+    list_flag(
+        parser,
+        "--db-delay-ms",
+        non_negative,
+        metavar="MS",
+        help="DB delays (default: the mode's, 0,20,200 or --quick's 20)",
     )
     parser.add_argument(
-        "--pods", type=positive_int, nargs="+", help="pod counts (override the mode's)"
+        "--reps", type=positive_int, help="repetitions per cell (default: 16, --quick 3)"
     )
-    parser.add_argument(
-        "--db-delay-ms", type=non_negative, nargs="+", help="DB delays (override the mode's)"
-    )
-    parser.add_argument("--reps", type=positive_int, help="repetitions per cell")
-    parser.add_argument("--callers", type=positive_int, help="callers per pod (default 8)")
+    parser.add_argument("--callers", type=positive_int, help="callers per pod (default: 8)")
     add_server_flags(parser)
     parser.set_defaults(run=_bench)
 
@@ -331,7 +355,7 @@ def _bench(args: argparse.Namespace) -> int:
     with started_servers(args.redis_url, args.lock_url, args.pg_dsn) as deployment:
         masters = deployment.masters
         victim = masters[-1] if len(masters) == 3 else None
-        document = run_bench(plan, deployment.servers, victim, progress)
+        document = run_bench(plan, deployment.servers, victim, progress, deployment.redis_binary)
     try:
         files = write_outputs(document, args.out)
     except OSError as exc:

