@@ -127,16 +127,11 @@ def cluster_client(url: str, *, timeout: float, max_connections: int = 100) -> R
     idempotent reads itself. ``url``: ``redis+cluster://host:port[,host:port...]``, or a
     plain ``redis://host:port`` of one node.
     """
-    parts = urlsplit(url)
-    scheme = CLUSTER_SCHEMES.get(parts.scheme, parts.scheme)
-    userinfo, at, hosts = parts.netloc.rpartition("@")
     try:
-        nodes = [urlsplit(f"{scheme}://{host}") for host in hosts.split(",")]
-        startup = [ClusterNode(node.hostname or "", node.port or 6379) for node in nodes]
-        first = parts._replace(scheme=scheme, netloc=f"{userinfo}{at}{nodes[0].netloc}")
+        node_url, nodes = parse_cluster_url(url)
         client = RedisCluster.from_url(
-            first.geturl(),
-            startup_nodes=startup,
+            node_url,
+            startup_nodes=[ClusterNode(host, port) for host, port in nodes],
             retry=Retry(NoBackoff(), 0),
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
@@ -154,6 +149,18 @@ def cluster_client(url: str, *, timeout: float, max_connections: int = 100) -> R
     for node in client.nodes_manager.startup_nodes.values():
         node.connection_class = asking
     return client
+
+
+def parse_cluster_url(url: str) -> tuple[str, list[tuple[str, int]]]:
+    """``redis+cluster://[user:password@]host:port[,host:port...][/0][?options]`` as a
+    plain URL of its first node (credentials and options included, for redis-py's
+    ``from_url``) and every startup node's (host, port). A plain URL names one node."""
+    parts = urlsplit(url)
+    scheme = CLUSTER_SCHEMES.get(parts.scheme, parts.scheme)
+    userinfo, at, hosts = parts.netloc.rpartition("@")
+    nodes = [urlsplit(f"{scheme}://{host}") for host in hosts.split(",")]
+    first = parts._replace(scheme=scheme, netloc=f"{userinfo}{at}{nodes[0].netloc}")
+    return first.geturl(), [(node.hostname or "", node.port or 6379) for node in nodes]
 
 
 def is_cluster_url(url: str) -> bool:

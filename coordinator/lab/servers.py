@@ -8,13 +8,19 @@ import contextlib
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
+from redis.asyncio import RedisCluster as AsyncRedisCluster
+from redis.asyncio.cluster import ClusterNode as AsyncClusterNode
+from redis.cluster import ClusterNode, RedisCluster
 from redis.exceptions import RedisError
 
+from ..clients import is_cluster_url, parse_cluster_url
 from .cliargs import CommandError, describe
 from .embedded import EmbeddedServerError, EmbeddedServers, PostgresServer, RedisServer
+from .embedded.cluster import EmbeddedCluster
 
 #: A server a fault needs a handle on: the counter store, the lock masters, PostgreSQL.
 Need = Literal["store", "masters", "postgres"]
@@ -112,13 +118,32 @@ class Deployment:
                 client.delete(*doomed)
 
 
+def store_client(url: str, **options: Any) -> Redis | RedisCluster:
+    """A lab client (redis-py's defaults, retries included) on ``url``: one server, or a
+    cluster named by ``redis+cluster://``."""
+    if not is_cluster_url(url):
+        return Redis.from_url(url, **options)
+    node_url, nodes = parse_cluster_url(url)
+    startup = [ClusterNode(host, port) for host, port in nodes]  # type: ignore[no-untyped-call]
+    return RedisCluster.from_url(node_url, startup_nodes=startup, **options)
+
+
+def async_store_client(url: str, **options: Any) -> AsyncRedis | AsyncRedisCluster:
+    """:func:`store_client`, asyncio flavour."""
+    if not is_cluster_url(url):
+        return AsyncRedis.from_url(url, **options)
+    node_url, nodes = parse_cluster_url(url)
+    startup = [AsyncClusterNode(host, port) for host, port in nodes]
+    return AsyncRedisCluster.from_url(node_url, startup_nodes=startup, **options)
+
+
 def unreachable(servers: Servers) -> str | None:
     """Why the counter store or a lock master does not answer (None: they all do)."""
     for role, url in [("counter store", servers.redis_url)] + [
         ("lock master", url) for url in servers.lock_urls
     ]:
         try:
-            with Redis.from_url(url, socket_timeout=5.0, socket_connect_timeout=5.0) as client:
+            with store_client(url, socket_timeout=5.0, socket_connect_timeout=5.0) as client:
                 client.ping()
         except RedisError as exc:
             return f"cannot reach the {role} at {url}: {describe(exc)}"
@@ -130,9 +155,19 @@ def started_servers(
     redis_url: str | None = None,
     lock_urls: Sequence[str] = (),
     pg_dsn: str | None = None,
+    *,
+    cluster: bool = False,
 ) -> Iterator[Deployment]:
     """The servers given, plus embedded ones for whatever is missing (the counter store,
-    three lock masters, PostgreSQL), stopped on exit."""
+    three lock masters, PostgreSQL), stopped on exit. ``cluster``: an embedded counter
+    store is a Redis Cluster (3 masters, 3 replicas), with no handle for faults."""
+    if cluster and not redis_url:
+        with (
+            _embedded_cluster() as nodes,
+            started_servers(nodes.url, lock_urls, pg_dsn) as deployment,
+        ):
+            yield deployment
+        return
     embedded_redis = (0 if redis_url else 1) + (0 if lock_urls else 3)
     if not embedded_redis and pg_dsn:
         yield Deployment(Servers(redis_url or "", tuple(lock_urls), pg_dsn))
@@ -158,11 +193,26 @@ def started_servers(
 
 
 @contextlib.contextmanager
+def _embedded_cluster() -> Iterator[EmbeddedCluster]:
+    try:
+        running = EmbeddedCluster()
+        running.start()
+    except EmbeddedServerError as exc:
+        raise ServersError(f"cannot start the embedded cluster: {exc}") from exc
+    try:
+        yield running
+    finally:
+        running.close()
+
+
+@contextlib.contextmanager
 def server_urls(
     redis_url: str | None = None,
     lock_urls: Sequence[str] = (),
     pg_dsn: str | None = None,
+    *,
+    cluster: bool = False,
 ) -> Iterator[Servers]:
     """:func:`started_servers` for callers that need only the URLs."""
-    with started_servers(redis_url, lock_urls, pg_dsn) as deployment:
+    with started_servers(redis_url, lock_urls, pg_dsn, cluster=cluster) as deployment:
         yield deployment.servers
