@@ -1,0 +1,181 @@
+"""The counter store on a real Redis Cluster (3 masters, 3 replicas, started once for the
+module): the same guarantees as on one server, no CROSSSLOT anywhere."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+from redis.crc import key_slot
+
+from coordinator import ReseedCoordinator
+from coordinator.budget import BudgetGuard
+from coordinator.budget.spend_source import PostgresSpendSource
+from coordinator.clients import _AskingOnSameConnection
+from coordinator.errors import InvalidKeyError, StoreError
+from coordinator.keys import applied_key, fence_key, same_slot_prefix, seed_channel
+from coordinator.lab.embedded import EmbeddedServers
+from coordinator.lab.embedded.cluster import EmbeddedCluster
+from coordinator.lab.race import run_race
+from coordinator.lab.servers import Servers
+
+# -- the key rule (no server) -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key", ["spend:k", "{team}:spend:k", "a{b}c", "a{b", "x{y}{}"])
+def test_every_companion_shares_its_counters_slot(key: str) -> None:
+    slot = key_slot(key.encode())
+    for companion in (fence_key(key), seed_channel(key), applied_key(key, "r1")):
+        assert key_slot(companion.encode()) == slot
+
+
+def test_a_key_with_a_tag_keeps_it_one_without_braces_is_wrapped() -> None:
+    assert same_slot_prefix("{team}:k") == "{team}:k"
+    assert same_slot_prefix("spend:k") == "{spend:k}"
+    assert fence_key("spend:k") == "{spend:k}\x1ffence"
+
+
+@pytest.mark.parametrize("key", ["a}b", "a{}b", "}{", "x{}{y}"])
+def test_a_key_whose_braces_would_change_its_slot_is_refused(key: str) -> None:
+    with pytest.raises(InvalidKeyError, match="hash tag") as refused:
+        fence_key(key)
+    assert refused.value.key == key
+
+
+# -- fixtures -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[EmbeddedCluster]:
+    with EmbeddedCluster() as running:
+        yield running
+
+
+@pytest.fixture
+async def coordinators(
+    cluster: EmbeddedCluster, servers: EmbeddedServers
+) -> AsyncIterator[list[ReseedCoordinator]]:
+    """Four pods on the cluster (a fresh cluster state: every node flushed)."""
+    cluster.wait_ok()
+    for node in cluster.nodes:
+        client = Redis(host=node.host, port=node.port)
+        if (await client.info("replication"))["role"] == "master":
+            await client.flushall()
+        await client.aclose()
+    made = [
+        ReseedCoordinator.from_urls(
+            cluster.url, lock_urls=[server.url for server in servers.redis[1:4]]
+        )
+        for _ in range(4)
+    ]
+    yield made
+    for coordinator in made:
+        await coordinator.aclose()
+
+
+# -- the race -----------------------------------------------------------------------------
+
+
+def test_race_of_eight_pods_reads_the_db_once(
+    cluster: EmbeddedCluster, servers: EmbeddedServers
+) -> None:
+    assert servers.postgres is not None
+    cluster.wait_ok()
+    urls = Servers(cluster.url, tuple(s.url for s in servers.redis[1:4]), servers.postgres.dsn)
+    result = run_race("coordinated", urls, pods=8, callers=8, db_value=100.0)
+    assert (result.db_reads, result.final_counter, result.errors) == (1, 100.0, 0)
+
+
+# -- budget checks and records across nodes -----------------------------------------------
+
+
+async def test_a_seven_scope_check_sends_one_request_per_node(
+    coordinators: list[ReseedCoordinator],
+    cluster: EmbeddedCluster,
+    source: PostgresSpendSource,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    guard = BudgetGuard(coordinators[0], source, write_mode="ledger")
+    entities: list[Any] = [
+        ("key", "k"), ("team", "t"), ("team_member", ("t", "u")), ("user", "u"),
+        ("org", "o"), ("end_user", "e"), ("tag", "g"),
+    ]  # fmt: skip
+    keys = [guard.key(scope, entity_id) for scope, entity_id in entities]
+    nodes = {cluster.master_of(key).port for key in keys}
+    assert len(nodes) >= 2
+    for key in keys:
+        await coordinators[0].store.set(key, "1.5")
+    await guard.check([(*entity, 10.0) for entity in entities])  # connections opened
+    sent: list[int] = []
+    original = _AskingOnSameConnection.send_packed_command
+
+    async def counting(self: _AskingOnSameConnection, command: Any, check: bool = True) -> None:
+        sent.append(int(self.port))
+        await original(self, command, check)
+
+    monkeypatch.setattr(_AskingOnSameConnection, "send_packed_command", counting)
+
+    spends = await guard.check([(*entity, 10.0) for entity in entities])
+
+    assert spends == [1.5] * 7
+    assert sorted(sent) == sorted(nodes)  # one request per node touched
+
+
+async def test_record_applies_each_entity_once_with_markers_in_its_slot(
+    coordinators: list[ReseedCoordinator], source: PostgresSpendSource
+) -> None:
+    guards = [BudgetGuard(c, source, write_mode="ledger") for c in coordinators]
+    entities: list[Any] = [("key", "k"), ("team", "t"), ("user", "u"), ("org", "o")]
+    store = coordinators[0].store
+    keys = [guards[0].key(scope, entity_id) for scope, entity_id in entities]
+    for key in keys:
+        await store.set(key, "0")
+
+    outcomes = await asyncio.gather(*(g.record("req-1", entities, 2.0) for g in guards))
+
+    assert sum(not outcome.duplicate for outcome in outcomes) == 1
+    for key in keys:
+        assert float(await store.get(key)) == 2.0
+        marker = applied_key(key, "req-1")
+        assert await store.exists(marker)
+        assert key_slot(marker.encode()) == key_slot(key.encode())
+
+
+# -- a timed-out increment is not resent --------------------------------------------------
+
+
+async def test_a_timed_out_increment_is_applied_once(
+    cluster: EmbeddedCluster, servers: EmbeddedServers
+) -> None:
+    cluster.wait_ok()
+    coordinator = ReseedCoordinator.from_urls(
+        cluster.url, lock_urls=[s.url for s in servers.redis[1:4]], socket_timeout=0.2
+    )
+    key = "timed-out"
+    try:
+        await coordinator.reset(key)
+        assert await coordinator.get(key, _constant(10.0)) == 10.0
+        # Loads the script: an EVALSHA the server never saw would meet NOSCRIPT on resume.
+        assert await coordinator.increment(key, 1.0) == 11.0
+        master = cluster.master_of(key)
+        master.pause()
+        try:
+            with pytest.raises(StoreError):
+                await coordinator.increment(key, 1.0)
+            await asyncio.sleep(0.5)  # past the socket timeout, well within the node timeout
+        finally:
+            master.resume()
+        # Run once when the master woke up, never resent by the client.
+        assert await coordinator.get(key, _constant(999.0)) == 12.0
+    finally:
+        await coordinator.aclose()
+
+
+def _constant(value: float) -> Any:
+    async def load() -> float:
+        return value
+
+    return load
