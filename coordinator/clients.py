@@ -91,13 +91,15 @@ class _AskingOnSameConnection(Connection):
             _asking_node.set(node)
             self._fake_reply = True
             return
-        pending = _asking_node.get()
-        if pending is not None:
+        asking = _asking_node.get() == node
+        if _asking_node.get() is not None:
             _asking_node.set(None)  # one command only, whatever node it goes to
-            if pending == node:
-                command = [*_ASKING_PACKED, *([command] if isinstance(command, bytes) else command)]
-                self._asking_reply = True
+        if asking:
+            command = [*_ASKING_PACKED, *([command] if isinstance(command, bytes) else command)]
         await super().send_packed_command(command, check_health)
+        # Only now: a fresh connection's handshake (HELLO, CLIENT SETINFO) runs inside the
+        # call above and comes through here too.
+        self._asking_reply = asking
 
     async def read_response(self, *args: Any, **kwargs: Any) -> Any:
         if self._fake_reply:
