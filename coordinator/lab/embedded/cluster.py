@@ -107,11 +107,22 @@ class EmbeddedCluster(Lifecycle):
 
     def slot_owner(self, slot: int) -> tuple[str, int]:
         """The (host, port) of the master serving ``slot``, by a running node's slot map."""
-        node = next(node for node in self.nodes if node.running)
-        for start, end, master, *_ in self._ask(node, "CLUSTER", "SLOTS"):
+        for start, end, master, *_ in self._ask(self._any_running(), "CLUSTER", "SLOTS"):
             if start <= slot <= end:
                 return _text(master[0]), int(master[1])
         raise EmbeddedServerError(f"slot {slot} is not served")
+
+    def wait_replaced(self, master: RedisServer, timeout: float = _FORM_TIMEOUT) -> RedisServer:
+        """After ``master`` died: until a replica serves its slots and the cluster is ok;
+        the promoted replica."""
+        slot = next(
+            start
+            for start, end, node, *_ in self._ask(self._any_running(), "CLUSTER", "SLOTS")
+            if int(node[1]) == master.port
+        )
+        _until(lambda: self.slot_owner(slot) != (master.host, master.port), timeout, "a failover")
+        self.wait_ok(timeout)
+        return self.node_at(self.slot_owner(slot))
 
     def wait_ok(self, timeout: float = _FORM_TIMEOUT) -> None:
         """Until every running node reports ``cluster_state:ok`` and the same slot owners."""
@@ -130,6 +141,9 @@ class EmbeddedCluster(Lifecycle):
         _until(agreed, timeout, "the cluster to agree it is ok")
 
     # ------------------------------------------------------------------ internals
+
+    def _any_running(self) -> RedisServer:
+        return next(node for node in self.nodes if node.running)
 
     def _form(self) -> None:
         first, *others = self.nodes
