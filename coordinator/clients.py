@@ -1,12 +1,17 @@
-"""How the library builds its own redis-py clients (``ReseedCoordinator.from_urls``)."""
+"""How the library builds its own redis-py clients (``ReseedCoordinator.from_urls``): one
+Redis server, or a Redis Cluster."""
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from typing import Any
+from urllib.parse import urlsplit
 
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import BlockingConnectionPool, Connection, Redis, RedisCluster, SSLConnection
+from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
 
 from .errors import ConfigurationError
 
@@ -43,3 +48,123 @@ def redis_client(url: str, *, timeout: float, max_connections: int = 100) -> Red
     except ValueError as exc:  # redis-py's verdict on the URL
         raise ConfigurationError(f"invalid Redis URL {url!r}: {exc}") from exc
     return Redis.from_pool(pool)
+
+
+# -- Redis Cluster -----------------------------------------------------------------------
+
+#: URL schemes naming a Redis Cluster by its startup nodes:
+#: ``redis+cluster://[user:password@]host:port[,host:port...]`` (``rediss+cluster`` for TLS).
+CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+
+# The task's pending ASK redirect: the node ("host:port") its next command must be preceded
+# by ASKING on, on the same connection.
+_asking_node: ContextVar[str | None] = ContextVar("reseed_asking_node", default=None)
+_ASKING = ("ASKING",)
+
+
+class _AskingOnSameConnection(Connection):
+    """A cluster node connection that sends an ASK redirect's ``ASKING`` together with the
+    redirected command.
+
+    redis-py's async cluster client sends ``ASKING`` as a command of its own, from the
+    node's pool, then the redirected command from the pool again: with two or more idle
+    connections they land on different connections, the importing node answers MOVED (the
+    ASKING flag is per connection), and the client bounces until "TTL exhausted" — so
+    traffic from many tasks through a half-migrated slot fails. Here the ``ASKING`` is not
+    sent but remembered for the calling task (a context variable: each task has its own),
+    answered ``OK`` locally, and prepended to the task's next command if that goes to the
+    same node, which is what redis-py does next; its ``+OK`` is read and dropped before the
+    command's reply.
+    """
+
+    _fake_reply = False
+    _asking_reply = False
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        packed = super().pack_command(*args)
+        return _ASKING_PACKED if args == _ASKING else packed
+
+    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        self._fake_reply = self._asking_reply = False
+        node = f"{self.host}:{self.port}"
+        if command is _ASKING_PACKED:
+            _asking_node.set(node)
+            self._fake_reply = True
+            return
+        asking = _asking_node.get() == node
+        if _asking_node.get() is not None:
+            _asking_node.set(None)  # one command only, whatever node it goes to
+        if asking:
+            command = [*_ASKING_PACKED, *([command] if isinstance(command, bytes) else command)]
+        await super().send_packed_command(command, check_health)
+        # Only now: a fresh connection's handshake (HELLO, CLIENT SETINFO) runs inside the
+        # call above and comes through here too.
+        self._asking_reply = asking
+
+    async def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        if self._fake_reply:
+            self._fake_reply = False
+            return b"OK"
+        if self._asking_reply:
+            self._asking_reply = False
+            await super().read_response()  # ASKING's +OK
+        return await super().read_response(*args, **kwargs)
+
+
+class _AskingOnSameSSLConnection(_AskingOnSameConnection, SSLConnection):
+    pass
+
+
+_ASKING_PACKED: list[bytes] = Connection(host="_").pack_command(*_ASKING)
+
+
+def cluster_client(url: str, *, timeout: float, max_connections: int = 100) -> RedisCluster:
+    """A Redis Cluster client that, like :func:`redis_client`, never resends a command.
+
+    redis-py's cluster client resends a command after a connection error or timeout (once
+    it has re-read the slot map): an increment whose reply was lost would count twice. Its
+    ``retry`` is off here; MOVED and ASK are redirects (the command was refused, not run),
+    which it still follows, re-reading the slot map on MOVED; after a connection error it
+    re-reads the slot map before its next command. The counter store retries its
+    idempotent reads itself. ``url``: ``redis+cluster://host:port[,host:port...]``, or a
+    plain ``redis://host:port`` of one node.
+    """
+    try:
+        node_url, nodes = parse_cluster_url(url)
+        client = RedisCluster.from_url(
+            node_url,
+            startup_nodes=[ClusterNode(host, port) for host, port in nodes],
+            retry=Retry(NoBackoff(), 0),
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            max_connections=max_connections,
+        )
+    except (ValueError, RedisError) as exc:
+        raise ConfigurationError(f"bad Redis Cluster URL {url!r}: {exc}") from exc
+    asking = (
+        _AskingOnSameSSLConnection
+        if client.connection_kwargs["connection_class"] is SSLConnection
+        else _AskingOnSameConnection
+    )
+    # One dict, shared by the client and its NodesManager, builds every node it discovers.
+    client.connection_kwargs["connection_class"] = asking
+    for node in client.nodes_manager.startup_nodes.values():
+        node.connection_class = asking
+    return client
+
+
+def parse_cluster_url(url: str) -> tuple[str, list[tuple[str, int]]]:
+    """``redis+cluster://[user:password@]host:port[,host:port...][/0][?options]`` as a
+    plain URL of its first node (credentials and options included, for redis-py's
+    ``from_url``) and every startup node's (host, port). A plain URL names one node."""
+    parts = urlsplit(url)
+    scheme = CLUSTER_SCHEMES.get(parts.scheme, parts.scheme)
+    userinfo, at, hosts = parts.netloc.rpartition("@")
+    nodes = [urlsplit(f"{scheme}://{host}") for host in hosts.split(",")]
+    first = parts._replace(scheme=scheme, netloc=f"{userinfo}{at}{nodes[0].netloc}")
+    return first.geturl(), [(node.hostname or "", node.port or 6379) for node in nodes]
+
+
+def is_cluster_url(url: str) -> bool:
+    """Whether ``url`` names a Redis Cluster (``redis+cluster://``, ``rediss+cluster://``)."""
+    return urlsplit(url).scheme in CLUSTER_SCHEMES

@@ -42,11 +42,11 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal, TypeVar
 
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 from tenacity import AsyncRetrying, RetryError, retry_if_result
 from tenacity.wait import wait_random_exponential
 
-from .clients import redis_client
+from .clients import cluster_client, is_cluster_url, redis_client
 from .deadline import Deadline, stop_before_deadline, wait_until
 from .errors import (
     ConfigurationError,
@@ -143,7 +143,7 @@ class ReseedCoordinator:
 
     def __init__(
         self,
-        store: Redis,
+        store: Redis | RedisCluster,
         *,
         lock_masters: Sequence[Redis] | None = None,
         ttl: float | None = 60.0,
@@ -179,10 +179,17 @@ class ReseedCoordinator:
             # Tokens restart from the server clock when a fence expires, so they stay
             # monotonic; a fence that outlives every holder keeps that independent of clocks.
             raise ConfigurationError("fence_ttl must outlive a lease with all its extensions")
+        if lock_masters is None:
+            if isinstance(store, RedisCluster):
+                # Redlock needs independent masters; a cluster's shards fail over together.
+                raise ConfigurationError(
+                    "a Redis Cluster counter store needs lock_masters (independent servers)"
+                )
+            lock_masters = [store]
         self._store = CounterStore(store, fence_ttl=fence_ttl)
         self._signals = SeedSignals(store, enabled=wake_on_seed)
         self._locks = LeaseManager(
-            lock_masters if lock_masters is not None else [store],
+            lock_masters,
             duration=lease,
             extensions=lease_extensions,
         )
@@ -198,7 +205,7 @@ class ReseedCoordinator:
         self._deadlines: dict[asyncio.Future[Done], Deadline] = {}
         self._stats = Stats()
         self._observer = observer
-        self._owned: list[Redis] = []
+        self._owned: list[Redis | RedisCluster] = []
         self._closed = False
 
     @classmethod
@@ -210,19 +217,26 @@ class ReseedCoordinator:
         socket_timeout: float = 0.5,
         lock_timeout: float = 0.3,
         max_connections: int = 100,
+        cluster: bool = False,
         **options: Any,
     ) -> ReseedCoordinator:
         """Build the clients too (and close them in :meth:`aclose`). Neither the store
         client nor the lock clients retry commands blindly (see ``clients``); past
-        ``max_connections`` store commands in flight, a command waits for a connection."""
-        store = redis_client(url, timeout=socket_timeout, max_connections=max_connections)
+        ``max_connections`` store commands in flight, a command waits for a connection.
+        A ``redis+cluster://host:port[,host:port...]`` URL, or ``cluster=True`` with a
+        node's URL, makes the store a Redis Cluster (``lock_urls`` required)."""
+        store: Redis | RedisCluster
+        if cluster or is_cluster_url(url):
+            store = cluster_client(url, timeout=socket_timeout, max_connections=max_connections)
+        else:
+            store = redis_client(url, timeout=socket_timeout, max_connections=max_connections)
         masters = [lock_client(u, timeout=lock_timeout) for u in lock_urls or []]
         coordinator = cls(store, lock_masters=masters or None, **options)
         coordinator._owned = [store, *masters]
         return coordinator
 
     @property
-    def store(self) -> Redis:
+    def store(self) -> Redis | RedisCluster:
         """The counter store's client (for callers' own scripts on the same counters)."""
         return self._store.client
 

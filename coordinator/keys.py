@@ -18,10 +18,24 @@ SEPARATOR = "\x1f"
 # Control characters (so SEPARATOR can never occur) and whitespace (unicode-aware, as
 # str.isspace).
 _FORBIDDEN = re.compile(r"[\x00-\x1f\x7f\s]")
+#: How companion keys are named (see :func:`same_slot_prefix`), quoted by its errors.
+SLOT_RULE = (
+    "companion keys share a counter's slot: a key with a {hash tag} keeps it, a key without"
+    " '}' is wrapped as {key}, any other key is refused"
+)
 
 
 def validate_key(key: object) -> str:
-    """Return ``key`` if it is a usable counter key, else raise :class:`InvalidKeyError`."""
+    """Return ``key`` if it is a usable counter key, else raise :class:`InvalidKeyError`
+    (its companions must be able to share its cluster slot, see :func:`same_slot_prefix`)."""
+    text = _valid_text(key)
+    same_slot_prefix(text)
+    return text
+
+
+def _valid_text(key: object) -> str:
+    """``key`` if it is a str of 1 to MAX_KEY_BYTES UTF-8 bytes with no whitespace or
+    control character (counter keys and the fragments joined to them)."""
     if not isinstance(key, str):
         raise InvalidKeyError(f"counter key must be str, got {type(key).__name__}: {key!r}")
     try:
@@ -45,31 +59,55 @@ def validate_key(key: object) -> str:
 
 def fence_key(key: str) -> str:
     """The hash holding the key's fencing token (``t``) and reset generation (``g``)."""
-    return f"{key}{SEPARATOR}fence"
+    return f"{same_slot_prefix(key)}{SEPARATOR}fence"
 
 
 def seed_channel(key: str) -> str:
-    """The pub/sub channel on which a successful seed of ``key`` is announced."""
-    return f"{key}{SEPARATOR}seeded"
+    """The pub/sub channel on which a successful seed of ``key`` is announced (in the key's
+    slot, so that a sharded SPUBLISH from the seed script stays on the key's shard)."""
+    return f"{same_slot_prefix(key)}{SEPARATOR}seeded"
 
 
 def lease_name(key: str, generation: int) -> str:
     """The Redlock resource for rebuilding ``key`` in reset generation ``generation``.
 
     Scoping the lease to the generation means a reader arriving after a reset never waits
-    behind a rebuild that the reset has already doomed.
+    behind a rebuild that the reset has already doomed. Leases live on the lock masters,
+    independent servers rather than a cluster's shards, so their names need no hash tag.
     """
     return f"{key}{SEPARATOR}lease{SEPARATOR}{generation}"
 
 
+def hash_tag(key: str) -> str | None:
+    """The part of ``key`` that Redis Cluster hashes when it is not the whole key: the text
+    between the first ``{`` and the first ``}`` after it, if that is not empty."""
+    start = key.find("{")
+    if start < 0:
+        return None
+    end = key.find("}", start + 1)
+    return key[start + 1 : end] if end > start + 1 else None
+
+
 def same_slot_prefix(key: str) -> str:
-    """``key`` as the prefix of its companion keys, chosen so that they share its Redis
-    Cluster hash slot where possible: a key without braces becomes ``{key}`` (its tag is the
-    whole key, so it hashes as the key does); a key with a hash tag stays as it is (its tag
-    stays the first one in every companion). A key with an empty or unclosed brace pair
-    hashes as a whole, which no longer key can match: it stays as it is too.
+    """``key`` as the prefix of its companion keys (fence, seed channel, markers), which
+    therefore share its Redis Cluster hash slot; the same names on a single server, so a
+    deployment moves to a cluster without renaming anything. The rule (:data:`SLOT_RULE`):
+
+    * a key with a hash tag keeps it: the tag stays the first one in every companion;
+    * a key without ``}`` becomes ``{key}``: its tag is then the whole key (an unclosed
+      ``{`` included), which hashes exactly as the key does;
+    * any other key (a ``}`` but no tag, as in ``a}b`` or ``a{}b``) hashes as a whole,
+      which no longer name can: it is refused with :class:`InvalidKeyError`.
     """
-    return f"{{{key}}}" if "{" not in key and "}" not in key else key
+    if hash_tag(key) is not None:
+        return key
+    if "}" not in key:
+        return f"{{{key}}}"
+    raise InvalidKeyError(
+        f"counter key {key!r} has a '}}' but no hash tag, so no companion key can share"
+        f" its Redis Cluster slot ({SLOT_RULE})",
+        key=key,
+    )
 
 
 def applied_key(key: str, spend_id: str) -> str:
@@ -77,5 +115,5 @@ def applied_key(key: str, spend_id: str) -> str:
 
     ``spend_id`` must be a valid key fragment (no whitespace or control characters).
     """
-    validate_key(spend_id)
+    _valid_text(spend_id)
     return f"{same_slot_prefix(key)}{SEPARATOR}applied{SEPARATOR}{spend_id}"

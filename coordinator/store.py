@@ -25,9 +25,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
+from redis.exceptions import ClusterDownError, RedisError, ResponseError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError
 
 from .errors import CorruptCounterError, InvalidValueError, StoreError, WrongTypeError
 from .keys import applied_key, fence_key, seed_channel
@@ -45,6 +45,14 @@ CLIENT_FAULTS: tuple[type[Exception], ...] = (
     AttributeError,
 )
 _FAULTS: tuple[type[Exception], ...] = (RedisError, *CLIENT_FAULTS)
+# Failures after which an idempotent command is sent once more: a stale pooled connection,
+# and a cluster mid-failover or mid-migration (the cluster client re-reads its slot map
+# after each of them before the next command).
+_RESEND_IDEMPOTENT: tuple[type[Exception], ...] = (
+    RedisConnectionError,
+    ClusterDownError,
+    TryAgainError,
+)
 
 # Creates the fence hash if missing and refreshes its expiry. Shared by every script below.
 _ENSURE_FENCE = """
@@ -198,10 +206,18 @@ def _text(raw: bytes | str) -> str:
 
 
 class CounterStore:
-    """Counter reads and atomic writes on one ``redis.asyncio.Redis`` client."""
+    """Counter reads and atomic writes on one ``redis.asyncio.Redis`` client, or a
+    ``RedisCluster`` client (every script's keys share the counter's slot, see
+    :func:`coordinator.keys.same_slot_prefix`)."""
 
-    def __init__(self, client: Redis, *, fence_ttl: float | None = 86400.0) -> None:
+    def __init__(
+        self, client: Redis | RedisCluster, *, fence_ttl: float | None = 86400.0
+    ) -> None:
         self.client = client
+        # A cluster client used from many tasks before it has read the slot map misroutes
+        # commands and can tear itself down under them: the first command reads it alone.
+        self._unmapped = isinstance(client, RedisCluster)
+        self._mapping = asyncio.Lock()
         self._fence_ttl = ms_text(fence_ttl)
         self._probe = client.register_script(_PROBE)
         self._token = client.register_script(_TOKEN)
@@ -219,9 +235,20 @@ class CounterStore:
     async def read_many(self, keys: list[str]) -> list[float | None]:
         """Several counters in one MGET round trip (a wrong-type key reads as missing;
         the rebuild's GET then raises :class:`WrongTypeError` for it)."""
-        raws = await self._call(keys[0], lambda: self.client.mget(keys), idempotent=True)
+        raws = await self._call(keys[0], lambda: self._get_many(keys), idempotent=True)
         pairs = zip(keys, raws, strict=True)
         return [None if raw is None else parse_stored(raw, key) for key, raw in pairs]
+
+    async def _get_many(self, keys: list[str]) -> list[bytes | str | None]:
+        client = self.client
+        if not isinstance(client, RedisCluster):
+            return await client.mget(keys)
+        # One MGET would be refused (CROSSSLOT) unless every key shares a slot; a cluster
+        # pipeline sends one batch per node, to all nodes at once.
+        pipe = client.pipeline()
+        for key in keys:
+            pipe.get(key)
+        return await pipe.execute()
 
     async def probe(self, key: str) -> tuple[float | None, int]:
         """The counter if present, and the current reset generation."""
@@ -311,9 +338,11 @@ class CounterStore:
         already (which is why clients should be built with redis-py's retries off).
         """
         try:
+            if isinstance(self.client, RedisCluster) and self._unmapped:
+                await self._map_slots(self.client)
             try:
                 return await op()
-            except RedisConnectionError:
+            except _RESEND_IDEMPOTENT:
                 if not idempotent:
                     raise
                 return await op()
@@ -323,6 +352,13 @@ class CounterStore:
             raise StoreError(
                 f"counter store failed on {key!r}: {type(exc).__name__}: {exc}", key=key
             ) from exc
+
+
+    async def _map_slots(self, cluster: RedisCluster) -> None:
+        async with self._mapping:
+            if self._unmapped:
+                await cluster.initialize()
+                self._unmapped = False
 
 
 def _translate(exc: ResponseError, key: str) -> Exception:

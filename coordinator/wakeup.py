@@ -5,6 +5,10 @@ that backoff decides how long after the seed they notice it. The seed script PUB
 the counter's channel when it writes, and a loser's backoff sleep ends early when that
 message arrives. One pub/sub connection per coordinator carries every channel it waits on.
 
+On a Redis Cluster the seed script's PUBLISH reaches every node over the cluster bus, so
+the pub/sub connection goes to one node (the first startup node) and hears every seed; if
+that node is down, losers poll.
+
 Pub/sub is an accelerator only: a message lost to a reconnect, or sent before the loser's
 SUBSCRIBE reached the server, costs at most one backoff interval, never correctness.
 """
@@ -17,8 +21,9 @@ import logging
 import math
 from collections.abc import AsyncIterator
 
-from redis.asyncio import ConnectionPool, Redis
+from redis.asyncio import ConnectionPool, Redis, RedisCluster
 from redis.asyncio.client import PubSub
+from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
@@ -54,17 +59,25 @@ class Watch:
         self.event.clear()
 
 
-def _pubsub_pool(pool: ConnectionPool) -> ConnectionPool:
-    """A pool with ``pool``'s settings whose connections redis-py never reconnects on its
-    own: with no supported errors its retry layer skips the failure callback that
-    reconnects (it runs even with zero retries), so only :class:`SeedSignals` reconnects."""
+def _pubsub_pool(client: Redis | RedisCluster) -> ConnectionPool:
+    """A pool with ``client``'s settings (for a cluster: its first startup node's) whose
+    connections redis-py never reconnects on its own: with no supported errors its retry
+    layer skips the failure callback that reconnects (it runs even with zero retries), so
+    only :class:`SeedSignals` reconnects."""
+    connection_class: type[AbstractConnection]
+    if isinstance(client, RedisCluster):
+        node = next(iter(client.nodes_manager.startup_nodes.values()))
+        kwargs, connection_class = node.connection_kwargs, node.connection_class
+    else:
+        kwargs = client.connection_pool.connection_kwargs
+        connection_class = client.connection_pool.connection_class
     settings = {
-        **pool.connection_kwargs,
+        **kwargs,
         "retry": Retry(NoBackoff(), 0, supported_errors=()),
         "retry_on_error": [],
         "retry_on_timeout": False,
     }
-    return ConnectionPool(connection_class=pool.connection_class, **settings)
+    return ConnectionPool(connection_class=connection_class, **settings)
 
 
 class SeedSignals:
@@ -84,8 +97,8 @@ class SeedSignals:
 
     retry_after = 0.1
 
-    def __init__(self, client: Redis, *, enabled: bool = True) -> None:
-        self._pool = _pubsub_pool(client.connection_pool)
+    def __init__(self, client: Redis | RedisCluster, *, enabled: bool = True) -> None:
+        self._pool = _pubsub_pool(client)
         self._enabled = enabled
         self._pubsub: PubSub | None = None
         self._reader: asyncio.Task[None] | None = None

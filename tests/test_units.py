@@ -158,7 +158,7 @@ def test_validate_key_refuses(key: str) -> None:
 
 def test_derived_keys_cannot_collide_with_counter_keys() -> None:
     for derived in (fence_key(KEY), lease_name(KEY, 7)):
-        assert derived.startswith(KEY)
+        assert KEY in derived
         with pytest.raises(InvalidKeyError):
             validate_key(derived)
     assert lease_name(KEY, 7) != lease_name(KEY, 8)

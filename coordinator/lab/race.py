@@ -31,7 +31,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Protocol, get_args
 
 import asyncpg
-from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
@@ -49,7 +48,7 @@ from .cliargs import (
     print_json,
 )
 from .pods import SETUP_TIMEOUT, Fleet, Link
-from .servers import Deployment, Servers, started_servers, unreachable
+from .servers import Deployment, Servers, async_store_client, started_servers, unreachable
 from .table import format_table, number
 
 Strategy = Literal["coordinated", "per-process", "naive"]
@@ -173,7 +172,7 @@ class PerProcess:
     pods, so every pod that misses reads the DB."""
 
     def __init__(self, spec: PodSpec) -> None:
-        self.client = Redis.from_url(
+        self.client = async_store_client(
             spec.servers.redis_url,
             retry=Retry(NoBackoff(), 1),
             socket_timeout=SOCKET_TIMEOUT,
@@ -250,6 +249,8 @@ async def open_contender(
     stack.push_async_callback(contender.aclose)
     # Opens `callers` store connections, loads the scripts, touches every lock master and
     # prepares the query, so that the race measures the protocol, not connection setup.
+    # One call first: a cluster client must read its slot map before many tasks use it.
+    await contender.get(warm_key, source.loader(spec.row_id, 0.0))
     warmed = await asyncio.gather(
         *(contender.get(warm_key, source.loader(spec.row_id, 0.0)) for _ in range(spec.callers)),
         return_exceptions=True,  # let every call end before the clients close
@@ -314,10 +315,6 @@ async def run_round(
 # -- the parent --------------------------------------------------------------------------
 
 
-def _store_client(url: str) -> Redis:
-    return Redis.from_url(url, socket_timeout=5.0, socket_connect_timeout=5.0)
-
-
 async def prepare_race(servers: Servers, row_id: str, db_value: float) -> None:
     """The row the pods read, and a check that every server answers (a clear setup error)."""
     try:
@@ -348,11 +345,12 @@ async def prepare_race(servers: Servers, row_id: str, db_value: float) -> None:
 
 async def _finish(servers: Servers, key: str, pods: int, row_id: str) -> float | None:
     """The final counter; then remove everything the race wrote."""
-    client = _store_client(servers.redis_url)
+    client = async_store_client(servers.redis_url, socket_timeout=5.0, socket_connect_timeout=5.0)
     try:
         raw = await client.get(key)
         counters = [key, *(f"{key}:warm:{index}" for index in range(pods))]
-        await client.delete(*counters, *map(fence_key, counters))
+        # One DEL per key: on a cluster the keys live in different slots.
+        await asyncio.gather(*(client.delete(k) for k in [*counters, *map(fence_key, counters)]))
     finally:
         await client.aclose()
     await remove_row(servers, row_id)
@@ -555,13 +553,20 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         action="store_true",
         help="print JSON: one object for one race, else a list (each with the redis-server)",
     )
+    parser.add_argument(
+        "--cluster",
+        action="store_true",
+        help="an embedded Redis Cluster (3 masters, 3 replicas) as the counter store",
+    )
     add_server_flags(parser)
     parser.set_defaults(run=_race)
 
 
 def _race(args: argparse.Namespace) -> int:
     strategies: list[Strategy] = list(STRATEGIES) if args.strategy == "all" else [args.strategy]
-    with started_servers(args.redis_url, args.lock_url, args.pg_dsn) as deployment:
+    with started_servers(
+        args.redis_url, args.lock_url, args.pg_dsn, cluster=args.cluster
+    ) as deployment:
         results = [
             run_race(
                 strategy,

@@ -11,12 +11,17 @@ import sys
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import asyncpg
 from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
+from redis.asyncio import RedisCluster as AsyncRedisCluster
+from redis.asyncio.cluster import ClusterNode as AsyncClusterNode
+from redis.cluster import ClusterNode, RedisCluster
 from redis.exceptions import RedisError
 
+from ..clients import is_cluster_url, parse_cluster_url
 from .cliargs import CommandError, describe
 from .embedded import (
     EmbeddedServerError,
@@ -26,6 +31,7 @@ from .embedded import (
     RedisServer,
     choose_redis_server,
 )
+from .embedded.cluster import EmbeddedCluster
 
 #: A server a fault needs a handle on: the counter store, the lock masters, PostgreSQL.
 Need = Literal["store", "masters", "postgres"]
@@ -124,9 +130,28 @@ class Deployment:
                 client.delete(*doomed)
 
 
+def store_client(url: str, **options: Any) -> Redis | RedisCluster:
+    """A lab client (redis-py's defaults, retries included) on ``url``: one server, or a
+    cluster named by ``redis+cluster://``."""
+    if not is_cluster_url(url):
+        return Redis.from_url(url, **options)
+    node_url, nodes = parse_cluster_url(url)
+    startup = [ClusterNode(host, port) for host, port in nodes]  # type: ignore[no-untyped-call]
+    return RedisCluster.from_url(node_url, startup_nodes=startup, **options)
+
+
+def async_store_client(url: str, **options: Any) -> AsyncRedis | AsyncRedisCluster:
+    """:func:`store_client`, asyncio flavour."""
+    if not is_cluster_url(url):
+        return AsyncRedis.from_url(url, **options)
+    node_url, nodes = parse_cluster_url(url)
+    startup = [AsyncClusterNode(host, port) for host, port in nodes]
+    return AsyncRedisCluster.from_url(node_url, startup_nodes=startup, **options)
+
+
 def _redis_problem(role: str, url: str) -> str | None:
     try:
-        with Redis.from_url(url, socket_timeout=5.0, socket_connect_timeout=5.0) as client:
+        with store_client(url, socket_timeout=5.0, socket_connect_timeout=5.0) as client:
             client.ping()
     except (RedisError, ValueError) as exc:  # ValueError: a URL redis-py cannot parse
         return f"cannot reach the {role} at {url}: {describe(exc)}"
@@ -177,11 +202,22 @@ def started_servers(
     redis_url: str | None = None,
     lock_urls: Sequence[str] = (),
     pg_dsn: str | None = None,
+    *,
+    cluster: bool = False,
 ) -> Iterator[Deployment]:
     """The servers given, plus embedded ones for whatever is missing (the counter store,
     three lock masters, PostgreSQL), stopped on exit. The servers given are checked first;
-    the redis-server binary of the embedded ones is announced on stderr."""
+    the redis-server binary of the embedded ones is announced on stderr. ``cluster``: an
+    embedded counter store is a Redis Cluster (3 masters, 3 replicas), with no handle for
+    faults."""
     check_given(redis_url, lock_urls, pg_dsn)
+    if cluster and not redis_url:
+        with (
+            _embedded_cluster() as nodes,
+            started_servers(nodes.url, lock_urls, pg_dsn) as deployment,
+        ):
+            yield deployment
+        return
     embedded_redis = (0 if redis_url else 1) + (0 if lock_urls else 3)
     if not embedded_redis and pg_dsn:
         yield Deployment(Servers(redis_url or "", tuple(lock_urls), pg_dsn))
@@ -205,5 +241,18 @@ def started_servers(
             pg_dsn or (postgres.dsn if postgres else ""),
         )
         yield Deployment(servers, store, masters, postgres, binary)
+    finally:
+        running.close()
+
+
+@contextlib.contextmanager
+def _embedded_cluster() -> Iterator[EmbeddedCluster]:
+    try:
+        running = EmbeddedCluster()
+        running.start()
+    except EmbeddedServerError as exc:
+        raise ServersError(f"cannot start the embedded cluster: {exc}") from exc
+    try:
+        yield running
     finally:
         running.close()

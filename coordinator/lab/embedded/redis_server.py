@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 
 from .binaries import find_redis_server
 from .errors import EmbeddedServerError
@@ -30,9 +31,16 @@ class RedisServer(ManagedServer):
     _first_poll_delay = 0.002
     _rebind_delay = 0.1
 
-    def __init__(self, port: int | None = None, *, binary: str | None = None) -> None:
+    def __init__(
+        self,
+        port: int | None = None,
+        *,
+        binary: str | None = None,
+        extra_args: Sequence[str] = (),
+    ) -> None:
         super().__init__(port)
         self._binary = binary
+        self._extra_args = tuple(extra_args)  # e.g. a cluster node's settings
         self._log_offsets = (0, 0)
 
     def __repr__(self) -> str:
@@ -98,6 +106,7 @@ class RedisServer(ManagedServer):
             "--dir", str(directory),
             "--logfile", str(logfile),
             "--daemonize", "no",
+            *self._extra_args,
         ]  # fmt: skip
         self._start_began = time.monotonic()
         self._proc = spawn(args, outfile, signal.SIGTERM, cwd=directory)
