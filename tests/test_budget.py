@@ -455,8 +455,12 @@ async def test_a_rebuild_reads_a_spend_write_in_progress_only_after_its_commit(
     write = asyncio.create_task(source.record("r1", [("team", "t")], 5.0, on_locked=count))
     await asyncio.wait_for(locked.wait(), 10)
     rebuild = asyncio.create_task(reader.check([("team", "t", 100.0)]))
-    await asyncio.sleep(0.3)
-    assert not rebuild.done()  # FOR SHARE waits for the writer's row lock
+    # The rebuild's FOR SHARE read queues behind the writer's row lock: seen in PostgreSQL.
+    blocked = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+    async with asyncio.timeout(10):
+        while not await source.pool.fetchval(blocked):  # noqa: ASYNC110 (remote state)
+            await asyncio.sleep(0.01)
+    assert not rebuild.done()
     commit.set()
 
     assert await write
