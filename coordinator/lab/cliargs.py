@@ -6,7 +6,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+# A password given as a parameter: ``?password=`` in a URL, ``password=`` in a key=value DSN.
+_PASSWORD_PARAM = re.compile(r"(password=)[^&\s]*", re.IGNORECASE)
 
 
 class CommandError(RuntimeError):
@@ -31,6 +36,18 @@ def non_negative(text: str) -> float:
     if not math.isfinite(value) or value < 0:
         raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
     return value
+
+
+def redact(address: str) -> str:
+    """A redis URL or PostgreSQL DSN as messages may show it: its password replaced by ``***``
+    (operators pass credentials in these flags; errors and reports must not echo them)."""
+    address = _PASSWORD_PARAM.sub(r"\1***", address)
+    parts = urlsplit(address)
+    userinfo, at, hostport = parts.netloc.rpartition("@")
+    if not at or ":" not in userinfo:
+        return address
+    user = userinfo.partition(":")[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{hostport}"))
 
 
 def add_server_flags(parser: argparse.ArgumentParser) -> None:

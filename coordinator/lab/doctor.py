@@ -16,7 +16,7 @@ from ..budget.doctor import DEFAULT_BATCH, DEFAULT_TOLERANCE, Doctor, Finding, R
 from ..budget.guard import SCOPES
 from ..coordinator import ReseedCoordinator
 from ..errors import SourceError
-from .cliargs import CommandError, non_negative, positive_int, print_json
+from .cliargs import CommandError, non_negative, positive_int, print_json, redact
 
 
 def _scope_query(text: str) -> tuple[str, str]:
@@ -115,12 +115,13 @@ async def _run(args: argparse.Namespace) -> int:
             await store.ping()
         except RedisError as exc:
             raise CommandError(
-                f"cannot reach the counter store at {args.redis_url}: {exc}"
+                f"cannot reach the counter store at {redact(args.redis_url)}: {exc}"
             ) from exc
         try:
             db = await asyncpg.connect(args.pg_dsn, timeout=10.0)
         except Exception as exc:
-            raise CommandError(f"cannot connect to PostgreSQL at {args.pg_dsn}: {exc}") from exc
+            where = redact(args.pg_dsn)
+            raise CommandError(f"cannot connect to PostgreSQL at {where}: {exc}") from exc
         try:
             return await _examine_and_fix(args, store, db)
         finally:

@@ -49,7 +49,14 @@ from ..coordinator import Loader, ReseedCoordinator
 from ..keys import fence_key
 from ..sources import PostgresSource
 from ..values import parse_stored
-from .cliargs import CommandError, add_server_flags, non_negative, positive_int, print_json
+from .cliargs import (
+    CommandError,
+    add_server_flags,
+    non_negative,
+    positive_int,
+    print_json,
+    redact,
+)
 from .embedded import EmbeddedServerError, EmbeddedServers, PostgresServer, RedisServer
 
 Strategy = Literal["coordinated", "per-process", "naive"]
@@ -396,7 +403,7 @@ async def prepare_race(servers: Servers, row_id: str, db_value: float) -> None:
         conn = await asyncpg.connect(servers.pg_dsn, timeout=10.0)
     except Exception as exc:
         raise RaceError(
-            f"cannot connect to PostgreSQL at {servers.pg_dsn}: {_describe(exc)}"
+            f"cannot connect to PostgreSQL at {redact(servers.pg_dsn)}: {_describe(exc)}"
         ) from exc
     try:
         await conn.execute(
@@ -420,7 +427,7 @@ async def prepare_race(servers: Servers, row_id: str, db_value: float) -> None:
         try:
             await client.ping()
         except RedisError as exc:
-            raise RaceError(f"cannot reach the {role} at {url}: {_describe(exc)}") from exc
+            raise RaceError(f"cannot reach the {role} at {redact(url)}: {_describe(exc)}") from exc
         finally:
             await client.aclose()
 

@@ -15,6 +15,7 @@ from typing import Any
 import asyncpg
 from redis.exceptions import RedisError
 
+from ..cliargs import redact
 from ..race import _describe
 from .common import HANG, SLACK, ChaosError, Need, Status
 from .fleet import Fleet, Pod
@@ -247,7 +248,7 @@ def _check_reachable(env: ChaosEnv, db: Database) -> None:
         db.setup()
     except Exception as exc:
         raise ChaosError(
-            f"cannot use PostgreSQL at {env.servers.pg_dsn}: {_describe(exc)}"
+            f"cannot use PostgreSQL at {redact(env.servers.pg_dsn)}: {_describe(exc)}"
         ) from exc
     for role, url in [("counter store", env.servers.redis_url)] + [
         ("lock master", url) for url in env.servers.lock_urls
@@ -256,7 +257,7 @@ def _check_reachable(env: ChaosEnv, db: Database) -> None:
             with env.client(url) as client:
                 client.ping()
         except RedisError as exc:
-            raise ChaosError(f"cannot reach the {role} at {url}: {_describe(exc)}") from exc
+            raise ChaosError(f"cannot reach the {role} at {redact(url)}: {_describe(exc)}") from exc
 
 
 _COLUMNS = (

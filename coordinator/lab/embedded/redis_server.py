@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 
 from .binaries import find_redis_server
 from .errors import EmbeddedServerError
@@ -23,6 +24,10 @@ class RedisServer(ManagedServer):
     the temp dir; ``kill()`` keeps it for a later ``start()``. ``restart()`` comes back with
     no data (the store lost its keys). ``last_start_seconds`` is the time from launch to the
     first PONG.
+
+    ``config`` is appended to the command line as more directives (``--user ...`` ACL
+    rules, ``--tls-port ...``). The readiness probe speaks plain RESP on ``port`` without
+    AUTH, so the ``default`` user must keep PING and INFO there.
     """
 
     _dir_prefix = "reseed-redis-"
@@ -30,9 +35,12 @@ class RedisServer(ManagedServer):
     _first_poll_delay = 0.002
     _rebind_delay = 0.1
 
-    def __init__(self, port: int | None = None, *, binary: str | None = None) -> None:
+    def __init__(
+        self, port: int | None = None, *, binary: str | None = None, config: Sequence[str] = ()
+    ) -> None:
         super().__init__(port)
         self._binary = binary
+        self._config = tuple(config)
         self._log_offsets = (0, 0)
 
     def __repr__(self) -> str:
@@ -98,6 +106,7 @@ class RedisServer(ManagedServer):
             "--dir", str(directory),
             "--logfile", str(logfile),
             "--daemonize", "no",
+            *self._config,
         ]  # fmt: skip
         self._start_began = time.monotonic()
         self._proc = spawn(args, outfile, signal.SIGTERM, cwd=directory)
