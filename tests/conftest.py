@@ -14,6 +14,7 @@ import pytest
 from redis.asyncio import Redis
 
 from coordinator import ReseedCoordinator
+from coordinator.budget.spend_source import PostgresSpendSource
 from coordinator.lab.embedded import EmbeddedServers
 
 CoordFactory = Callable[..., ReseedCoordinator]
@@ -49,12 +50,20 @@ async def store(servers: EmbeddedServers) -> AsyncIterator[Redis]:
     await client.aclose()
 
 
+# The shared servers are never faulted, so their clients' timeouts only guard against a hang:
+# sized for a starved machine, where the fail-fast defaults (0.5 s, 0.3 s) can run out on a
+# burst of connects and turn a healthy run into store errors or a degraded lock. Fault tests
+# (``own_servers``) keep the defaults, whose cost they measure.
+PATIENT = {"socket_timeout": 5.0, "lock_timeout": 5.0}
+
+
 def _factory(
-    env: EmbeddedServers,
+    env: EmbeddedServers, defaults: dict[str, float] | None = None
 ) -> tuple[Callable[..., ReseedCoordinator], Callable[[], Awaitable[None]]]:
     made: list[ReseedCoordinator] = []
 
     def make(**options: Any) -> ReseedCoordinator:
+        options = {**(defaults or {}), **options}
         options.setdefault("lock_urls", [server.url for server in env.redis[1:4]])
         coordinator = ReseedCoordinator.from_urls(env.redis[0].url, **options)
         made.append(coordinator)
@@ -72,7 +81,7 @@ async def make_coordinator(
     servers: EmbeddedServers, store: Redis
 ) -> AsyncIterator[CoordFactory]:
     """Coordinators with their own clients (each one behaves as a separate pod)."""
-    make, close = _factory(servers)
+    make, close = _factory(servers, PATIENT)
     yield make
     await close()
 
@@ -83,3 +92,14 @@ async def make_own_coordinator(own_servers: EmbeddedServers) -> AsyncIterator[Co
     make, close = _factory(own_servers)
     yield make
     await close()
+
+
+@pytest.fixture
+async def spend_source(servers: EmbeddedServers) -> AsyncIterator[PostgresSpendSource]:
+    """The shipped budget schema on the session's PostgreSQL, emptied."""
+    assert servers.postgres is not None
+    source = await PostgresSpendSource.connect(servers.postgres.dsn, max_size=6)
+    await source.install_schema()
+    await source.pool.execute("TRUNCATE budget_entity, team_member, api_key, spend_ledger")
+    yield source
+    await source.aclose()

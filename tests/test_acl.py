@@ -241,16 +241,6 @@ async def test_get_increment_and_reset_as_the_restricted_users(
     assert await denials(admins) == []
 
 
-@pytest.fixture
-async def spend_source(servers: EmbeddedServers) -> AsyncIterator[PostgresSpendSource]:
-    assert servers.postgres is not None
-    source = await PostgresSpendSource.connect(servers.postgres.dsn, max_size=2)
-    await source.install_schema()
-    await source.pool.execute("TRUNCATE budget_entity, team_member, api_key, spend_ledger")
-    yield source
-    await source.aclose()
-
-
 async def test_budget_guard_check_and_record_as_the_restricted_users(
     deployment: Deployment, admins: list[Redis], spend_source: PostgresSpendSource
 ) -> None:
