@@ -3,9 +3,10 @@ Redis server, or a Redis Cluster."""
 
 from __future__ import annotations
 
+import re
 from contextvars import ContextVar
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from redis.asyncio import BlockingConnectionPool, Connection, Redis, RedisCluster, SSLConnection
 from redis.asyncio.cluster import ClusterNode
@@ -14,6 +15,21 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from .errors import ConfigurationError
+
+# A password given as a parameter: ``?password=`` in a URL, ``password=`` in a key=value DSN.
+_PASSWORD_PARAM = re.compile(r"(password=)[^&\s]*", re.IGNORECASE)
+
+
+def redact(address: str) -> str:
+    """A redis URL or PostgreSQL DSN as messages may show it: its password replaced by ``***``
+    (operators pass credentials in URLs; errors, logs and reports must not echo them)."""
+    address = _PASSWORD_PARAM.sub(r"\1***", address)
+    parts = urlsplit(address)
+    userinfo, at, hostport = parts.netloc.rpartition("@")
+    if not at or ":" not in userinfo:
+        return address
+    user = userinfo.partition(":")[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{hostport}"))
 
 
 def redis_client(url: str, *, timeout: float, max_connections: int = 100) -> Redis:
@@ -46,7 +62,7 @@ def redis_client(url: str, *, timeout: float, max_connections: int = 100) -> Red
             url, max_connections=max_connections, timeout=timeout, **options
         )
     except ValueError as exc:  # redis-py's verdict on the URL
-        raise ConfigurationError(f"invalid Redis URL {url!r}: {exc}") from exc
+        raise ConfigurationError(f"invalid Redis URL {redact(url)!r}: {exc}") from exc
     return Redis.from_pool(pool)
 
 
@@ -140,7 +156,7 @@ def cluster_client(url: str, *, timeout: float, max_connections: int = 100) -> R
             max_connections=max_connections,
         )
     except (ValueError, RedisError) as exc:
-        raise ConfigurationError(f"bad Redis Cluster URL {url!r}: {exc}") from exc
+        raise ConfigurationError(f"bad Redis Cluster URL {redact(url)!r}: {exc}") from exc
     asking = (
         _AskingOnSameSSLConnection
         if client.connection_kwargs["connection_class"] is SSLConnection

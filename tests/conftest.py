@@ -50,12 +50,20 @@ async def store(servers: EmbeddedServers) -> AsyncIterator[Redis]:
     await client.aclose()
 
 
+# The shared servers are never faulted, so their clients' timeouts only guard against a hang:
+# sized for a starved machine, where the fail-fast defaults (0.5 s, 0.3 s) can run out on a
+# burst of connects and turn a healthy run into store errors or a degraded lock. Fault tests
+# (``own_servers``) keep the defaults, whose cost they measure.
+PATIENT = {"socket_timeout": 5.0, "lock_timeout": 5.0}
+
+
 def _factory(
-    env: EmbeddedServers,
+    env: EmbeddedServers, defaults: dict[str, float] | None = None
 ) -> tuple[Callable[..., ReseedCoordinator], Callable[[], Awaitable[None]]]:
     made: list[ReseedCoordinator] = []
 
     def make(**options: Any) -> ReseedCoordinator:
+        options = {**(defaults or {}), **options}
         options.setdefault("lock_urls", [server.url for server in env.redis[1:4]])
         coordinator = ReseedCoordinator.from_urls(env.redis[0].url, **options)
         made.append(coordinator)
@@ -73,7 +81,7 @@ async def make_coordinator(
     servers: EmbeddedServers, store: Redis
 ) -> AsyncIterator[CoordFactory]:
     """Coordinators with their own clients (each one behaves as a separate pod)."""
-    make, close = _factory(servers)
+    make, close = _factory(servers, PATIENT)
     yield make
     await close()
 

@@ -6,13 +6,12 @@ Spawned children import this module by name through the ``sys.path`` they inheri
 parent, where pytest's default ``prepend`` import mode has put ``tests/``.
 
 A pod sends one dict per round: the values its callers got (or the errors they raised),
-how often its loader ran, its stats for the round, and the slowest call.
+how often its loader ran and its stats for the round.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -80,13 +79,10 @@ async def run(link: Link, spec: PodSpec, links: Links) -> None:
                 await asyncio.to_thread(links.proceed.wait, GATE_TIMEOUT)
             return value
 
-        async def call(op: Op) -> tuple[float | None, float]:
-            began = time.monotonic()
+        async def call(op: Op) -> float | None:
             if op == "get":
-                value: float | None = await coordinator.get(spec.key, load)
-            else:
-                value = await coordinator.increment(spec.key, 1.0, loader=load)
-            return value, time.monotonic() - began
+                return await coordinator.get(spec.key, load)
+            return await coordinator.increment(spec.key, 1.0, loader=load)
 
         await _pass(links.ready)
         for round_no, (gate, op) in enumerate(zip(links.gates, spec.ops, strict=True)):
@@ -95,14 +91,12 @@ async def run(link: Link, spec: PodSpec, links: Links) -> None:
             outcomes = await asyncio.gather(
                 *(call(op) for _ in range(spec.callers)), return_exceptions=True
             )
-            done = [outcome for outcome in outcomes if isinstance(outcome, tuple)]
             link.send(
                 {
                     "pod": spec.name,
                     "round": round_no,
-                    "values": [value for value, _ in done],
+                    "values": [o for o in outcomes if not isinstance(o, BaseException)],
                     "errors": [repr(o) for o in outcomes if isinstance(o, BaseException)],
-                    "slowest": max((elapsed for _, elapsed in done), default=0.0),
                     "loader_calls": calls,
                     "stats": _delta(coordinator.stats, before),
                 }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import os
 import shutil
@@ -148,10 +149,10 @@ async def test_redis_pause_times_out_then_resume_serves(redis_server: RedisServe
         assert await client.ping() is True
         redis_server.pause()
         try:
-            started = time.monotonic()
-            with pytest.raises(RedisTimeoutError):
-                await client.ping()
-            assert time.monotonic() - started < 2.0
+            # The outer timeout only guards against a hang; the client's own must fire.
+            async with asyncio.timeout(30):
+                with pytest.raises(RedisTimeoutError):
+                    await client.ping()
         finally:
             redis_server.resume()
         assert await client.ping() is True
@@ -161,12 +162,12 @@ async def test_redis_pause_times_out_then_resume_serves(redis_server: RedisServe
 
 def test_stop_of_paused_redis_is_prompt(redis_server: RedisServer) -> None:
     redis_server.pause()
-    pid = redis_server.pid
-    started = time.monotonic()
+    proc = redis_server._proc
+    assert proc is not None
     redis_server.stop()
-    assert time.monotonic() - started < 2.0
-    assert pid is not None
-    assert _pid_gone(pid)
+    # It obeyed the SIGTERM (exit 0) rather than being SIGKILLed after the grace period.
+    assert proc.returncode == 0
+    assert _pid_gone(proc.pid)
     redis_server.stop()  # idempotent
 
 

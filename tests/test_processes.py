@@ -187,7 +187,6 @@ def test_holder_killed_mid_rebuild_is_overtaken_after_its_lease(
     assert values_of(reports) == [db_value] * 8
     assert loader_calls(reports) == 1  # the one extra DB read, A's being the first
     assert stat(reports, "leases_lost") >= 1
-    assert max(report["slowest"] for report in reports) < wait
     assert counter(servers, key) == db_value
 
 

@@ -15,9 +15,17 @@ from redis.exceptions import RedisError
 
 from ..budget.doctor import DEFAULT_BATCH, DEFAULT_TOLERANCE, Doctor, Finding, Report
 from ..budget.guard import SCOPES
+from ..clients import redact
 from ..coordinator import ReseedCoordinator
 from ..errors import SourceError
-from .cliargs import CommandError, describe, list_flag, non_negative, positive_int, print_json
+from .cliargs import (
+    CommandError,
+    describe,
+    list_flag,
+    non_negative,
+    positive_int,
+    print_json,
+)
 from .serve import LOCK_URLS, PG_DSN, REDIS_URL
 from .table import format_table, number
 
@@ -145,14 +153,14 @@ async def _run(args: argparse.Namespace) -> int:
             await store.ping()
         except RedisError as exc:
             raise CommandError(
-                f"cannot reach the counter store at {args.redis_url}: {describe(exc)} "
+                f"cannot reach the counter store at {redact(args.redis_url)}: {describe(exc)} "
                 f"(check --redis-url or ${REDIS_URL})"
             ) from exc
         try:
             db = await asyncpg.connect(args.pg_dsn, timeout=10.0)
         except Exception as exc:
             raise CommandError(
-                f"cannot connect to PostgreSQL at {args.pg_dsn}: {describe(exc)} "
+                f"cannot connect to PostgreSQL at {redact(args.pg_dsn)}: {describe(exc)} "
                 f"(check --pg-dsn or ${PG_DSN})"
             ) from exc
         try:

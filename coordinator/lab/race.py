@@ -34,6 +34,7 @@ import asyncpg
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from ..clients import redact
 from ..coordinator import Loader, ReseedCoordinator
 from ..keys import fence_key
 from ..sources import PostgresSource
@@ -321,7 +322,7 @@ async def prepare_race(servers: Servers, row_id: str, db_value: float) -> None:
         conn = await asyncpg.connect(servers.pg_dsn, timeout=10.0)
     except Exception as exc:
         raise RaceError(
-            f"cannot connect to PostgreSQL at {servers.pg_dsn}: {describe(exc)}"
+            f"cannot connect to PostgreSQL at {redact(servers.pg_dsn)}: {describe(exc)}"
         ) from exc
     try:
         await conn.execute(

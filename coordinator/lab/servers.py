@@ -21,7 +21,7 @@ from redis.asyncio.cluster import ClusterNode as AsyncClusterNode
 from redis.cluster import ClusterNode, RedisCluster
 from redis.exceptions import RedisError
 
-from ..clients import is_cluster_url, parse_cluster_url
+from ..clients import is_cluster_url, parse_cluster_url, redact
 from .cliargs import CommandError, describe
 from .embedded import (
     EmbeddedServerError,
@@ -154,7 +154,7 @@ def _redis_problem(role: str, url: str) -> str | None:
         with store_client(url, socket_timeout=5.0, socket_connect_timeout=5.0) as client:
             client.ping()
     except (RedisError, ValueError) as exc:  # ValueError: a URL redis-py cannot parse
-        return f"cannot reach the {role} at {url}: {describe(exc)}"
+        return f"cannot reach the {role} at {redact(url)}: {describe(exc)}"
     return None
 
 
@@ -173,7 +173,7 @@ async def _postgres_problem(dsn: str) -> str | None:
     try:
         conn = await asyncpg.connect(dsn, timeout=10.0)
     except Exception as exc:  # asyncpg raises OSError, its own errors or ValueError
-        return f"cannot connect to PostgreSQL at {dsn}: {describe(exc)}"
+        return f"cannot connect to PostgreSQL at {redact(dsn)}: {describe(exc)}"
     await conn.close()
     return None
 

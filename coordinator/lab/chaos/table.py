@@ -14,6 +14,7 @@ from typing import Any
 import asyncpg
 from redis.exceptions import RedisError
 
+from ...clients import redact
 from ..cliargs import describe
 from ..pods import Pod
 from ..servers import Deployment, Need, unreachable
@@ -257,7 +258,8 @@ def _check_reachable(env: Deployment, db: Database) -> None:
     try:
         db.setup()
     except Exception as exc:
-        raise ChaosError(f"cannot use PostgreSQL at {env.servers.pg_dsn}: {describe(exc)}") from exc
+        where = redact(env.servers.pg_dsn)
+        raise ChaosError(f"cannot use PostgreSQL at {where}: {describe(exc)}") from exc
     problem = unreachable(env.servers)
     if problem is not None:
         raise ChaosError(problem)
