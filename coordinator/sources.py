@@ -10,6 +10,11 @@ import asyncpg
 from .coordinator import Loader
 from .errors import InvalidValueError, MissingRowError, SourceError
 
+#: What asyncpg raises when the database or the driver fails. InternalClientError is not an
+#: InterfaceError: a pooled connection left mid-operation (its caller cancelled under
+#: load) raises it on its next use, and that is a failed read like any other.
+DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError)
+
 
 class PostgresSource:
     """One parameterised query on an asyncpg pool; ``loader(*args)`` makes a coordinator
@@ -27,7 +32,7 @@ class PostgresSource:
             pool = await asyncpg.create_pool(
                 dsn, min_size=min_size, max_size=max_size, timeout=timeout
             )
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except DB_ERRORS as exc:
             raise SourceError(f"cannot connect to PostgreSQL: {exc}") from exc
         return cls(pool, query)
 
@@ -40,7 +45,7 @@ class PostgresSource:
     async def fetch(self, *args: object) -> float:
         try:
             row = await self.pool.fetchrow(self.query, *args)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except DB_ERRORS as exc:
             raise SourceError(f"PostgreSQL query failed for {args!r}: {exc}") from exc
         if row is None:
             raise MissingRowError(f"no row in the source for {args!r}")

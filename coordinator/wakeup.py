@@ -6,7 +6,11 @@ the counter's channel when it writes, and a loser's backoff sleep ends early whe
 message arrives. One pub/sub connection per coordinator carries every channel it waits on.
 
 Pub/sub is an accelerator only: a message lost to a reconnect, or sent before the loser's
-SUBSCRIBE reached the server, costs at most one backoff interval, never correctness.
+SUBSCRIBE reached the server, costs at most one backoff interval, never correctness. So no
+failure of the pub/sub connection fails a call: redis-py's PubSub, shared by the reader
+and the flights that (un)subscribe, can fail a reconnect with errors that are not
+``RedisError`` (``RuntimeError: readuntil() called while another coroutine is already
+waiting``, an ``AttributeError`` on a writer gone), and those mean "down" too.
 """
 
 from __future__ import annotations
@@ -18,11 +22,11 @@ from collections.abc import AsyncIterator
 
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
-from redis.exceptions import RedisError
 
 from .keys import seed_channel
 
 log = logging.getLogger(__name__)
+
 
 class Watch:
     """One flight's view of its key's seed announcements: a backoff ``sleep`` that ends
@@ -88,7 +92,7 @@ class SeedSignals:
             if self._pubsub is None:
                 self._pubsub = self._client.pubsub(ignore_subscribe_messages=True)
             await self._pubsub.subscribe(channel)
-        except RedisError as exc:
+        except Exception as exc:  # see the module docstring: never fail the call
             self._failed(exc)
             return
         self._restored()
@@ -105,14 +109,16 @@ class SeedSignals:
             return
         del self._waiters[channel]
         if self._pubsub is not None:
-            with contextlib.suppress(RedisError):
+            try:
                 await self._pubsub.unsubscribe(channel)
+            except Exception as exc:  # see the module docstring: never fail the call
+                self._failed(exc)
 
     async def _read(self, pubsub: PubSub) -> None:
         while self._waiters:
             try:
                 message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-            except RedisError as exc:
+            except Exception as exc:
                 # redis-py reconnects and resubscribes on the next read; until then the
                 # losers fall back to their backoff.
                 self._failed(exc)
@@ -124,7 +130,7 @@ class SeedSignals:
                     watch.seeded = message["data"]
                     watch.event.set()
 
-    def _failed(self, exc: RedisError) -> None:
+    def _failed(self, exc: Exception) -> None:
         # Once per outage: a retry every 0.1 s would otherwise log ten lines a second.
         if self._down:
             log.debug("seed notifications still down: %s", exc)

@@ -65,9 +65,10 @@ from ..errors import (
     ReseedError,
     SourceError,
 )
+from ..sources import DB_ERRORS
 from ..values import Snapshot, parse_stored
 from .guard import SCOPES, EntityId, Scope, parse_spend_key, spend_id
-from .spend_source import DB_ERRORS, OutboxLag, outbox_lag, unapplied
+from .spend_source import OutboxLag, outbox_lag, unapplied
 
 Status = Literal["inflated", "low", "no_ttl", "garbage", "missing_row", "healthy"]
 STATUSES: tuple[Status, ...] = get_args(Status)

@@ -31,7 +31,7 @@ import asyncpg
 
 from ..coordinator import Loader
 from ..errors import ConfigurationError, MissingRowError, SourceError
-from ..sources import PostgresSource
+from ..sources import DB_ERRORS, PostgresSource
 from ..values import check_amount
 from .guard import (
     SCOPES,
@@ -103,9 +103,6 @@ _SET_MEMBER = """
 INSERT INTO team_member (team_id, user_id, max_budget) VALUES ($1, $2, $3)
 ON CONFLICT (team_id, user_id) DO UPDATE SET max_budget = EXCLUDED.max_budget
 """
-
-#: What asyncpg raises when the database fails.
-DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 
 def schema_sql() -> str:
@@ -286,7 +283,10 @@ class PostgresSpendSource:
     ) -> None:
         """Set the entity's spend to 0 and drop its outbox rows (costs the reset wipes out).
         Pass ``on_locked=lambda: guard.reset(scope, id)``: the counter is then reset while
-        the row is locked, so no spend write in flight can land between the two resets."""
+        the row is locked, so no spend write in flight can land between the two resets, and
+        once more after the commit: a rebuild that read the spend between the first counter
+        reset and the commit (its snapshot does not wait for the row lock) seeded the old
+        spend, and the second reset deletes that seed or fences it out."""
         item = as_entity((scope, entity_id))
         if item.scope == "team_member":
             sql, args = _RESET_MEMBER, _args(item.id)
@@ -298,6 +298,8 @@ class PostgresSpendSource:
             await conn.execute(_FORGET, entity_ref(item.scope, item.id))
             if on_locked is not None:
                 await on_locked()
+        if on_locked is not None:
+            await on_locked()
 
     async def set_budget(self, scope: Scope, entity_id: EntityId, max_budget: float | None) -> None:
         """Create the entity (spend 0) or change its budget (None: no budget)."""

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 import asyncpg
 from redis import Redis
+from redis.exceptions import RedisError
 
 from ..cliargs import describe
 from ..servers import Deployment, Need
@@ -184,8 +185,7 @@ class Nemesis:
             assert self.env.store is not None
             self.env.store.restart()
         elif kind == "counter-expire":
-            with Redis.from_url(self.env.servers.redis_url, socket_timeout=5.0) as client:
-                client.delete(self.counters[target])
+            self._expire(self.counters[target])
         elif kind == "link-stall":
             self._around(fault, self.proxy.stall, self.proxy.heal)
         elif kind == "db-stop":
@@ -195,6 +195,20 @@ class Nemesis:
             asyncio.run(_lock_spend(self.env.servers.pg_dsn, fault.duration))
         else:
             raise ValueError(f"unknown fault kind {kind!r}")
+
+    def _expire(self, key: str) -> None:
+        """Delete the counter, as its expiry would; the store may be restarting right now
+        (another fault), so try for a few seconds."""
+        deadline = time.monotonic() + 5.0
+        with Redis.from_url(self.env.servers.redis_url, socket_timeout=5.0) as client:
+            while True:
+                try:
+                    client.delete(key)
+                    return
+                except RedisError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.1)
 
     def _pod(self, fault: Fault) -> None:
         if fault.kind == "pod-pause":

@@ -1,0 +1,120 @@
+"""The random chaos (``python -m coordinator chaos --random``) on real servers and pods, and
+the library bugs it found, each pinned by a test of its own.
+
+The random runs use this module's own servers (4 redis-servers and a PostgreSQL): the
+nemesis kills, pauses and restarts them. Two fixed seeds must pass every check with their
+faults actually injected; a run with a deliberately double-applying record must fail the
+checker, so the checker is known to be able to fail.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterator
+
+import asyncpg
+import pytest
+from redis.asyncio import Redis
+
+from coordinator import ReseedCoordinator, SourceError
+from coordinator.budget import BudgetGuard, PostgresSpendSource
+from coordinator.lab.chaos.nemesis import KINDS, schedule
+from coordinator.lab.chaos.randomized import Options, run_random
+from coordinator.lab.embedded import EmbeddedServers
+from coordinator.lab.servers import Deployment
+from coordinator.sources import PostgresSource
+from coordinator.wakeup import SeedSignals, Watch
+
+SECONDS = 10.0
+
+
+@pytest.fixture(scope="module")
+def env() -> Iterator[Deployment]:
+    with EmbeddedServers(redis_count=4, postgres=True) as running:
+        yield Deployment.embedded(running)
+
+
+def test_a_seed_alone_decides_the_schedule() -> None:
+    first = schedule(7, 60.0, 4, 8)
+    assert first == schedule(7, 60.0, 4, 8)
+    assert first != schedule(8, 60.0, 4, 8)
+    assert all(f.at + f.duration <= 59.0 for f in first)
+    # No target is held by two faults at once.
+    for one in first:
+        for other in first:
+            same = (KINDS[one.kind].group, one.target) == (KINDS[other.kind].group, other.target)
+            if one is not other and same and one.at <= other.at:
+                assert one.at + one.duration <= other.at
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_random_faults_pass_every_check(env: Deployment, seed: int) -> None:
+    verdict = run_random(env, Options(seconds=SECONDS, seed=seed))
+
+    assert [check.name for check in verdict.checks if not check.ok] == [], verdict.checks
+    planned = Counter(fault["kind"] for fault in verdict.schedule)
+    assert planned == verdict.faults, verdict.fault_errors  # every fault was injected
+    assert verdict.skipped == {}
+    assert verdict.calls["record"] > 0
+    assert verdict.calls["check"] > 0
+    assert verdict.lag.samples > 0
+    assert verdict.misses > 0
+
+
+def test_the_checker_catches_a_record_that_applies_a_retry_twice(env: Deployment) -> None:
+    verdict = run_random(env, Options(seconds=4.0, seed=3, sabotage="double-apply"))
+
+    failed = {check.name for check in verdict.checks if not check.ok}
+    assert "no counter ever observed above the DB spend" in failed
+    assert verdict.lag.above > 0
+    assert not verdict.passed
+
+
+# -- bugs the random chaos found -------------------------------------------------------------
+
+
+async def test_a_rebuild_between_the_counter_reset_and_the_commit_is_undone(
+    source: PostgresSpendSource, make_coordinator: Callable[..., ReseedCoordinator]
+) -> None:
+    guard = BudgetGuard(make_coordinator(), source, write_mode="ledger")
+    team = ("team", "t", 100.0)
+    await source.set_budget("team", "t", 100.0)
+    await guard.record("r1", [team], 10.0)
+    assert await guard.check([team]) == [10.0]
+
+    async def reset_then_another_pod_reads() -> None:
+        await guard.reset("team", "t")
+        # Not committed yet: the rebuild's snapshot reads the old spend and seeds it.
+        await guard.check([team])
+
+    await source.reset_spend("team", "t", on_locked=reset_then_another_pod_reads)
+
+    assert await source.fetch("team", "t") == 0.0
+    assert await guard.check([team]) == [0.0]
+
+
+async def test_a_connection_left_mid_operation_fails_as_a_source_error() -> None:
+    class Broken:
+        async def fetchrow(self, *args: object) -> None:
+            raise asyncpg.InternalClientError("cannot switch to state 15; another operation")
+
+    with pytest.raises(SourceError):
+        await PostgresSource(Broken(), "SELECT 1").fetch()
+
+
+async def test_a_pubsub_that_fails_with_a_foreign_error_never_fails_the_call() -> None:
+    class Flaky:
+        async def subscribe(self, *channels: bytes) -> None:
+            raise RuntimeError("readuntil() called while another coroutine is already waiting")
+
+        async def unsubscribe(self, *channels: bytes) -> None:
+            raise AttributeError("'NoneType' object has no attribute 'writelines'")
+
+    client = Redis()  # never connects: the pub/sub is the fake's
+    signals = SeedSignals(client)
+    signals._pubsub = Flaky()  # type: ignore[assignment]
+    async with signals.watch("k") as watch:
+        assert isinstance(watch, Watch)
+        await watch.sleep(0.01)  # subscribes: fails, notifications down, no error
+        await watch.sleep(0.01)  # plain backoff
+    await client.aclose()
