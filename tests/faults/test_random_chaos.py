@@ -25,7 +25,7 @@ from coordinator.lab.servers import Deployment
 from coordinator.sources import PostgresSource
 from coordinator.wakeup import SeedSignals, Watch
 
-SECONDS = 10.0
+SECONDS = 8.0
 
 
 @pytest.fixture(scope="module")

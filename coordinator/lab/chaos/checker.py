@@ -9,8 +9,8 @@ hold at quiescence, judged.
    in ``spend_ledger`` with its cost and entities, and the spend of every entity that is
    never reset equals the sum of its ledger rows;
 4. **never above the DB**: no sampled counter exceeded the DB spend read after it (samples
-   that overlap a reset of the entity are set aside). Counters below it are lag, counted
-   apart with the largest lag and how long it lasted.
+   that overlap a reset of the entity are set aside). Counters below the DB spend read
+   before them are lag, counted apart with the largest lag and how long it lasted.
 
 Exit status 0 only if all four hold.
 """
@@ -62,9 +62,9 @@ class Lag:
     """Counters sampled against the DB spend read after them."""
 
     samples: int = 0  # (sample, counter present) pairs compared
-    equal: int = 0
-    below: int = 0  # lag: the counter has not caught up yet
-    above: int = 0  # a lie
+    caught_up: int = 0  # between the DB spend read before the GET and the one after
+    below: int = 0  # lag: below the spend committed before the GET
+    above: int = 0  # a lie: above the spend committed after the GET
     straddled: int = 0  # set aside: a reset of the entity overlapped the sample
     absent: int = 0
     largest: float = 0.0
@@ -182,7 +182,11 @@ def judge_samples(
     for index, ref in enumerate(refs):
         episode: tuple[float, float, float] | None = None  # first start, last end, largest
         for sample in sorted(samples, key=lambda s: s.start):
-            counter, spend = sample.counters[index], sample.spends[index]
+            counter, before, after = (
+                sample.counters[index],
+                sample.before[index],
+                sample.after[index],
+            )
             if any(start <= sample.end and sample.start <= end for start, end in windows[ref]):
                 lag.straddled += 1
                 continue
@@ -192,29 +196,30 @@ def judge_samples(
                 episode = None
                 continue
             lag.samples += 1
-            if counter > spend:
+            if counter > after:
                 lag.above += 1
                 if len(lag.above_examples) < 5:
                     lag.above_examples.append(
-                        f"{ref}: counter {number(counter)} > DB {number(spend)} "
+                        f"{ref}: counter {number(counter)} > DB {number(after)} "
                         f"({sample.pod} at {sample.start:.3f})"
                     )
                 _close(lag, episode)
                 episode = None
-            elif counter < spend:
+            elif counter < before:
                 lag.below += 1
-                gap = spend - counter
+                gap = before - counter
                 first = sample.start if episode is None else episode[0]
                 largest = gap if episode is None else max(episode[2], gap)
                 episode = (first, sample.end, largest)
             else:
-                lag.equal += 1
+                lag.caught_up += 1
                 _close(lag, episode)
                 episode = None
         _close(lag, episode)
     detail = (
-        f"{lag.samples} counter samples: {lag.equal} equal, {lag.below} below (lag), "
-        f"{lag.above} above; {lag.straddled} set aside (a reset overlapped)"
+        f"{lag.samples} counter samples: {lag.caught_up} caught up, {lag.below} below the DB "
+        f"read before (lag), {lag.above} above the DB read after; {lag.straddled} set aside "
+        "(a reset overlapped)"
     )
     if lag.above_examples:
         detail += f"; e.g. {'; '.join(lag.above_examples[:3])}"

@@ -7,9 +7,10 @@ Each caller repeats one request: ``guard.check`` on a key, a team, a user and th
 ``guard.record`` of a cost in quarters (sums stay exact in binary floating point) under a
 fresh request id, or under one used before (a retry: this pod's own, or one that every pod
 may send at once), and now and then a reset of a key's or a user's spend (the DB row and
-the counter, as the README shows). The sampler GETs every counter, then reads every DB
-spend: committed spend only grows between resets, so a counter above the spend read
-*after* it is a counter that lies.
+the counter, as the README shows). The sampler reads every DB spend, GETs every counter,
+and reads every DB spend again: committed spend only grows between resets, so a counter
+above the spend read *after* it is a counter that lies, and one below the spend read
+*before* it lags.
 """
 
 from __future__ import annotations
@@ -104,13 +105,16 @@ class ResetBegun:
 
 @dataclass(frozen=True)
 class Sample:
-    """Every counter (None: absent) GET at ``start``, every DB spend read by ``end``."""
+    """Every DB spend read (``before``), then every counter GET (None: absent), then every
+    DB spend read again (``after``), between ``start`` and ``end``. Committed spend only
+    grows between resets: a counter above ``after`` lies; one below ``before`` lags."""
 
     pod: str
     start: float
     end: float
+    before: tuple[float, ...]
     counters: tuple[float | None, ...]
-    spends: tuple[float, ...]
+    after: tuple[float, ...]
 
 
 @dataclass(frozen=True)
@@ -299,9 +303,13 @@ class _Pod:
 
     async def _sample(self, store: Redis, conn: asyncpg.Connection, keys: list[str]) -> None:
         start = time.time()
+        before = await self._spends(conn)
         raw = await store.mget(keys)
-        # After the GETs: committed spend only grows (between resets), so the spend read
-        # now is at least the spend of the moment each counter was read.
+        after = await self._spends(conn)
+        counters = tuple(None if value is None else float(value) for value in raw)
+        self.out.samples.append(Sample(self.name, start, time.time(), before, counters, after))
+
+    async def _spends(self, conn: asyncpg.Connection) -> tuple[float, ...]:
         rows = await asyncio.wait_for(
             conn.fetch(
                 "SELECT scope, entity_id, spend FROM budget_entity "
@@ -312,15 +320,7 @@ class _Pod:
             2.0,
         )
         spends = {(row["scope"], row["entity_id"]): float(row["spend"]) for row in rows}
-        self.out.samples.append(
-            Sample(
-                self.name,
-                start,
-                time.time(),
-                tuple(None if value is None else float(value) for value in raw),
-                tuple(spends.get(entity, 0.0) for entity in self.plan.entities),
-            )
-        )
+        return tuple(spends.get(entity, 0.0) for entity in self.plan.entities)
 
     async def _flusher(self) -> None:
         while not self.stop.is_set():
