@@ -176,8 +176,12 @@ def reset_windows(
 
 
 def judge_samples(
-    samples: Sequence[Sample], refs: Sequence[str], windows: Mapping[str, list[tuple[float, float]]]
+    samples: Sequence[Sample],
+    refs: Sequence[str],
+    windows: Mapping[str, list[tuple[float, float]]],
+    started: float,
 ) -> tuple[Check, Lag]:
+    """``started``: the wall clock at the run's start (offset 0 of its fault schedule)."""
     lag = Lag()
     for index, ref in enumerate(refs):
         episode: tuple[float, float, float] | None = None  # first start, last end, largest
@@ -201,7 +205,7 @@ def judge_samples(
                 if len(lag.above_examples) < 5:
                     lag.above_examples.append(
                         f"{ref}: counter {number(counter)} > DB {number(after)} "
-                        f"({sample.pod} at {sample.start:.3f})"
+                        f"({sample.pod} at {sample.start - started:.2f}s)"
                     )
                 _close(lag, episode)
                 episode = None

@@ -47,6 +47,12 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     random.add_argument("--seed", type=int, default=1, help="the fault schedule's seed (default 1)")
     random.add_argument("--pods", type=positive_int, default=4, help="pods (default 4)")
+    random.add_argument(
+        "--no-resets",
+        dest="resets",
+        action="store_false",
+        help="never reset spend (by default 2%% of requests reset a key's or a user's)",
+    )
     add_server_flags(parser)
     parser.set_defaults(run=_chaos)
 
@@ -66,7 +72,7 @@ def _chaos(args: argparse.Namespace) -> int:
 def _random(args: argparse.Namespace) -> int:
     if args.only:
         raise CommandError("--only picks rows of the table; --random runs no table")
-    options = Options(seconds=args.seconds, seed=args.seed, pods=args.pods)
+    options = Options(seconds=args.seconds, seed=args.seed, pods=args.pods, resets=args.resets)
     with started_servers(args.redis_url, args.lock_url, args.pg_dsn) as env:
         verdict = run_random(env, options)
     if args.json:

@@ -127,10 +127,11 @@ class Nemesis:
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
         self._start = 0.0
+        self.started = 0.0  # wall clock: the pods' logs and samples are on it
         self._cancel = threading.Event()
 
     def start(self) -> None:
-        self._start = time.monotonic()
+        self._start, self.started = time.monotonic(), time.time()
         for fault in self.faults:
             needs = KINDS[fault.kind].needs
             if needs is not None and not self.env.controls(needs):

@@ -26,8 +26,7 @@ from typing import Any
 import asyncpg
 from redis.exceptions import RedisError
 
-from ...budget import BudgetGuard, PostgresSpendSource, spend_key
-from ...coordinator import ReseedCoordinator
+from ...budget import PostgresSpendSource, spend_key
 from .. import pods
 from ..pods import Failed, Pod, PodError, Ready
 from ..servers import Deployment
@@ -44,7 +43,17 @@ from .checker import (
 from .common import ChaosError
 from .nemesis import Nemesis, schedule
 from .tcp_proxy import TcpProxy
-from .workload import BUDGET, Batch, Call, Plan, ResetBegun, Sample, random_pod
+from .workload import (
+    BUDGET,
+    RESETS,
+    Batch,
+    Call,
+    Plan,
+    ResetBegun,
+    Sample,
+    ledger_guard,
+    random_pod,
+)
 
 READY_TIMEOUT = 90.0  # every pod spawned, imported and connected, on a busy machine
 STOP_TIMEOUT = 60.0  # every pod's last batch after it is told to stop
@@ -70,6 +79,7 @@ class Options:
     seed: int = 1
     pods: int = 4
     callers: int = 3
+    resets: bool = True  # reset a key's or a user's spend now and then
     #: A deliberate bug for the checker to catch (:data:`.workload.SABOTAGES`).
     sabotage: str | None = None
 
@@ -195,6 +205,7 @@ def run_random(env: Deployment, options: Options) -> Verdict:
             entities=entities,
             resettable=tuple(i for i, (_, _, resets) in enumerate(ENTITIES) if resets),
             callers=options.callers,
+            resets=RESETS if options.resets else 0.0,
             sabotage=options.sabotage,
         )
         try:
@@ -206,7 +217,7 @@ def run_random(env: Deployment, options: Options) -> Verdict:
             _cleanup(env, plan)
     steady = [ref for ref, (_, _, resets) in zip(plan.refs, ENTITIES, strict=True) if not resets]
     windows = reset_windows(log.calls, log.begun, slots.deaths)
-    sampled, lag = judge_samples(log.samples, plan.refs, windows)
+    sampled, lag = judge_samples(log.samples, plan.refs, windows, nemesis.started)
     stats = Counter[str]()
     for each in log.stats.values():
         stats.update(each)
@@ -276,16 +287,7 @@ async def _setup(plan: Plan) -> None:
 async def _settle(env: Deployment, plan: Plan) -> Final:
     """Drain what is left once it is stale, then read the counters, the DB and the ledger."""
     source = await PostgresSpendSource.connect(plan.dsn, max_size=2)
-    coordinator = ReseedCoordinator.from_urls(
-        env.servers.redis_url, lock_urls=list(env.servers.lock_urls), wait=10.0
-    )
-    guard = BudgetGuard(
-        coordinator,
-        source,
-        write_mode="ledger",
-        namespace=plan.namespace,
-        drain_after=plan.drain_after,
-    )
+    coordinator, guard = ledger_guard(plan, env.servers.redis_url, source, None)
     refs = plan.refs
     try:
         drained = 0

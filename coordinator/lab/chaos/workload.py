@@ -40,7 +40,7 @@ SAMPLE = 0.2  # seconds between two samples
 RETRY = 0.2  # of the records, the share that reuse a request id
 SHARED = 0.05  # of the records, the share that use an id any pod may send too
 SHARED_IDS = 40
-RESET = 0.02  # of the requests, the share followed by a reset
+RESETS = 0.02  # of the requests, the share followed by a reset (by default)
 
 #: The lab-only fault the checker must catch: ``double-apply`` adds a retried request's
 #: cost to its counters again, as a record that ignored its markers would.
@@ -67,6 +67,7 @@ class Plan:
     pace: float = 0.02
     drain_after: float = 1.0
     drain_interval: float = 0.5
+    resets: float = RESETS
     sabotage: str | None = None
 
     @property
@@ -137,17 +138,7 @@ class _Outbox:
 async def random_pod(link: Link, plan: Plan) -> None:
     """A random-chaos pod (spawned): the workload until the parent says stop."""
     source = await _connect(plan.dsn)
-    coordinator = ReseedCoordinator.from_urls(
-        plan.store_url, lock_urls=list(plan.lock_urls), wait=plan.wait
-    )
-    guard = BudgetGuard(
-        coordinator,
-        source,
-        write_mode="ledger",
-        namespace=plan.namespace,
-        drain_after=plan.drain_after,
-        drain_interval=plan.drain_interval,
-    )
+    coordinator, guard = ledger_guard(plan, plan.store_url, source, plan.drain_interval)
     pod = _Pod(link, plan, guard, coordinator, source)
     try:
         async with guard:
@@ -156,6 +147,24 @@ async def random_pod(link: Link, plan: Plan) -> None:
     finally:
         await coordinator.aclose()
         await source.aclose()
+
+
+def ledger_guard(
+    plan: Plan, store_url: str, source: PostgresSpendSource, drain_interval: float | None
+) -> tuple[ReseedCoordinator, BudgetGuard]:
+    """A coordinator on ``store_url`` and the plan's ledger-mode guard on it."""
+    coordinator = ReseedCoordinator.from_urls(
+        store_url, lock_urls=list(plan.lock_urls), wait=plan.wait
+    )
+    guard = BudgetGuard(
+        coordinator,
+        source,
+        write_mode="ledger",
+        namespace=plan.namespace,
+        drain_after=plan.drain_after,
+        drain_interval=drain_interval,
+    )
+    return coordinator, guard
 
 
 async def _connect(dsn: str) -> PostgresSpendSource:
@@ -205,7 +214,7 @@ class _Pod:
             if checked.error is None:
                 recording = self._record(request_id, entities, cost)
                 await self._call("record", request_id, refs, cost, recording)
-            if self.rng.random() < RESET:
+            if self.rng.random() < self.plan.resets:
                 target = self.rng.choice(self.plan.resettable)
                 await self._reset(target)
             await asyncio.sleep(self.rng.uniform(0, 2 * self.plan.pace))
