@@ -76,25 +76,34 @@ def test_the_checker_catches_a_record_that_applies_a_retry_twice(env: Deployment
 
 # -- bugs the random chaos found -------------------------------------------------------------
 
+TEAM = ("team", "t", 100.0)
+
+
+async def _team_spent_ten(
+    source: PostgresSpendSource, ledger: PostgresSpendSource, coordinator: ReseedCoordinator
+) -> BudgetGuard:
+    """A ledger guard on ``ledger``; team t has spent 10, its counter is warm."""
+    guard = BudgetGuard(coordinator, ledger, write_mode="ledger")
+    await source.set_budget("team", "t", 100.0)
+    await guard.record("r1", [TEAM], 10.0)
+    assert await guard.check([TEAM]) == [10.0]
+    return guard
+
 
 async def test_a_rebuild_between_the_counter_reset_and_the_commit_is_undone(
     source: PostgresSpendSource, make_coordinator: Callable[..., ReseedCoordinator]
 ) -> None:
-    guard = BudgetGuard(make_coordinator(), source, write_mode="ledger")
-    team = ("team", "t", 100.0)
-    await source.set_budget("team", "t", 100.0)
-    await guard.record("r1", [team], 10.0)
-    assert await guard.check([team]) == [10.0]
+    guard = await _team_spent_ten(source, source, make_coordinator())
 
     async def reset_then_another_pod_reads() -> None:
         await guard.reset("team", "t")
         # Not committed yet: the rebuild's snapshot reads the old spend and seeds it.
-        await guard.check([team])
+        await guard.check([TEAM])
 
     await source.reset_spend("team", "t", on_locked=reset_then_another_pod_reads)
 
     assert await source.fetch("team", "t") == 0.0
-    assert await guard.check([team]) == [0.0]
+    assert await guard.check([TEAM]) == [0.0]
 
 
 async def test_a_connection_left_mid_operation_fails_as_a_source_error() -> None:
@@ -147,18 +156,14 @@ async def test_a_reset_between_a_commit_and_its_counter_apply(
     source: PostgresSpendSource, make_coordinator: Callable[..., ReseedCoordinator]
 ) -> None:
     ledger = ResetAfterCommit(source.pool)
-    guard = BudgetGuard(make_coordinator(), ledger, write_mode="ledger")
-    team = ("team", "t", 100.0)
-    await source.set_budget("team", "t", 100.0)
-    await guard.record("r1", [team], 10.0)
-    assert await guard.check([team]) == [10.0]
+    guard = await _team_spent_ten(source, ledger, make_coordinator())
 
     async def another_pod_resets_then_reads() -> None:
         await source.reset_spend("team", "t", on_locked=lambda: guard.reset("team", "t"))
-        assert await guard.check([team]) == [0.0]  # rebuilt: r2's cost was wiped out
+        assert await guard.check([TEAM]) == [0.0]  # rebuilt: r2's cost was wiped out
 
     ledger.between = another_pod_resets_then_reads
-    await guard.record("r2", [team], 5.0)  # committed, then reset, then applied
+    await guard.record("r2", [TEAM], 5.0)  # committed, then reset, then applied
 
     assert await source.fetch("team", "t") == 0.0
-    assert await guard.check([team]) == [0.0]  # today: 5.0, above the DB until a reset
+    assert await guard.check([TEAM]) == [0.0]  # today: 5.0, above the DB until a reset
