@@ -41,7 +41,7 @@ from .checker import (
     reset_windows,
 )
 from .common import ChaosError
-from .nemesis import Nemesis, schedule
+from .nemesis import Fault, Nemesis, schedule
 from .tcp_proxy import TcpProxy
 from .workload import (
     BUDGET,
@@ -246,7 +246,7 @@ def run_random(env: Deployment, options: Options) -> Verdict:
 
 
 def _run(
-    env: Deployment, plan: Plan, proxy: TcpProxy, faults: list[Any], options: Options
+    env: Deployment, plan: Plan, proxy: TcpProxy, faults: list[Fault], options: Options
 ) -> tuple[_Log, Nemesis, Slots]:
     log = _Log()
     with pods.Fleet("rpod", quiet=True) as fleet:
