@@ -104,6 +104,7 @@ INSERT INTO team_member (team_id, user_id, max_budget) VALUES ($1, $2, $3)
 ON CONFLICT (team_id, user_id) DO UPDATE SET max_budget = EXCLUDED.max_budget
 """
 
+
 def schema_sql() -> str:
     """The shipped schema (``CREATE TABLE IF NOT EXISTS``: safe to run again)."""
     return resources.files(__package__).joinpath("sql/budget_schema.sql").read_text("utf-8")
@@ -282,7 +283,10 @@ class PostgresSpendSource:
     ) -> None:
         """Set the entity's spend to 0 and drop its outbox rows (costs the reset wipes out).
         Pass ``on_locked=lambda: guard.reset(scope, id)``: the counter is then reset while
-        the row is locked, so no spend write in flight can land between the two resets."""
+        the row is locked, so no spend write in flight can land between the two resets, and
+        once more after the commit: a rebuild that read the spend between the first counter
+        reset and the commit (its snapshot does not wait for the row lock) seeded the old
+        spend, and the second reset deletes that seed or fences it out."""
         item = as_entity((scope, entity_id))
         if item.scope == "team_member":
             sql, args = _RESET_MEMBER, _args(item.id)
@@ -294,6 +298,8 @@ class PostgresSpendSource:
             await conn.execute(_FORGET, entity_ref(item.scope, item.id))
             if on_locked is not None:
                 await on_locked()
+        if on_locked is not None:
+            await on_locked()
 
     async def set_budget(self, scope: Scope, entity_id: EntityId, max_budget: float | None) -> None:
         """Create the entity (spend 0) or change its budget (None: no budget)."""

@@ -248,6 +248,12 @@ class Pod:
             if message is not _NOTHING:
                 self._early.append(message)
 
+    def take(self, timeout: float) -> Any | None:
+        """The pod's next message within ``timeout``, or None if there is none yet; a pod
+        that exited without a word gives a :class:`Failed`."""
+        message = self._next(timeout)
+        return None if message is _NOTHING else message
+
     def _next(self, timeout: float) -> Any:
         return self._early.pop(0) if self._early else self._take(timeout)
 
