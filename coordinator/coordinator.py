@@ -346,13 +346,20 @@ class ReseedCoordinator:
             self._store.apply(key, spend_id, amount, self._ttl, marker_ttl, on_missing)
         )
 
-    async def reset(self, key: str) -> None:
-        """Delete the counter and fence out every rebuild of it in flight, fleet-wide."""
+    async def reset(
+        self, key: str, *, counted: Sequence[str] = (), window: float | None = None
+    ) -> None:
+        """Delete the counter and fence out every rebuild of it in flight, fleet-wide.
+
+        ``counted``: ids of spends the reset wiped out of the source; every
+        :meth:`apply_once` of them within ``window`` seconds adds nothing to the rebuilt
+        counter (an apply still in flight across the reset would bring them back)."""
         key = validate_key(key)
+        marker_ttl = positive_seconds("window", window) if counted else None
         self._check_open()
         # Rebuilds are per (key, generation), so a get after this starts a fresh rebuild
         # (in this process or any other) instead of joining one the reset doomed.
-        generation = await self._guard(self._store.reset(key))
+        generation = await self._guard(self._store.reset(key, counted, marker_ttl))
         log.debug("counter reset", extra={"key": key, "generation": generation, "outcome": "reset"})
 
     async def aclose(self) -> None:

@@ -21,7 +21,7 @@ reads a source that includes the spend too.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
@@ -127,11 +127,14 @@ return value
 """
 
 # Bumping the token fences out every rebuild in flight; bumping the generation gives
-# readers after the reset a fresh lease instead of the doomed holder's.
+# readers after the reset a fresh lease instead of the doomed holder's. KEYS[3..]: the
+# markers of spends the reset wiped out of the source (ARGV[2] their expiry in ms), set with
+# the DEL: an apply of one still in flight must not add it to the rebuilt counter.
 _RESET = _ENSURE_FENCE + """
 redis.call('HINCRBY', fence, 't', 1)
 local generation = redis.call('HINCRBY', fence, 'g', 1)
 redis.call('DEL', KEYS[1])
+for i = 3, #KEYS do redis.call('SET', KEYS[i], '1', 'PX', ARGV[2]) end
 return generation
 """
 
@@ -153,10 +156,11 @@ return outcome
 
 # Exactly-once add: _INCREMENT, unless the spend's marker (KEYS[3]) says it is counted
 # already; the marker is set with the add (ARGV[3]: its expiry in ms). A missing counter
-# is never created. ARGV[4] says what the caller needs then: 'fence' (the spend is in the
-# source already, so a rebuild whose read predates it must not seed: the token is bumped
-# and no marker set, a later seed reads the spend) or 'mark' (the caller adds the spend to
-# a rebuilt counter itself: the marker makes a retry a duplicate).
+# is never created, and the marker is set all the same: every later seed holds the spend
+# (ledger: the source has it; lagging: the caller adds it to the rebuilt counter), so a
+# late apply of it (a record paused past the drain that settled its row, a script delivered
+# after a stall) must add nothing. ARGV[4] 'fence' (ledger) also bumps the token: a rebuild
+# whose read predates the spend must not seed.
 _APPLY = (
     """if redis.call('EXISTS', KEYS[3]) == 1 then return {'duplicate', false} end
 local value = (function()
@@ -168,9 +172,8 @@ if value then
   redis.call('SET', KEYS[3], '1', 'PX', ARGV[3])
   return {'applied', value}
 end
-if ARGV[4] == 'mark' then
-  redis.call('SET', KEYS[3], '1', 'PX', ARGV[3])
-elseif redis.call('EXISTS', KEYS[2]) == 1 then
+redis.call('SET', KEYS[3], '1', 'PX', ARGV[3])
+if ARGV[4] == 'fence' and redis.call('EXISTS', KEYS[2]) == 1 then
   redis.call('HINCRBY', KEYS[2], 't', 1)
 end
 return {'missing', false}
@@ -315,9 +318,19 @@ class CounterStore:
             return ApplyOutcome("applied", parse_stored(raw, key))
         return ApplyOutcome("duplicate" if result == "duplicate" else "missing")
 
-    async def reset(self, key: str) -> int:
-        """Fence out every rebuild in flight and delete the counter; the new generation."""
-        return int(await self._script(self._reset, key))
+    async def reset(
+        self, key: str, counted: Sequence[str] = (), marker_ttl: float | None = None
+    ) -> int:
+        """Fence out every rebuild in flight and delete the counter; the new generation.
+        ``counted``: spend ids to mark counted with the delete (see ``_RESET``)."""
+        markers = [applied_key(key, spend_id) for spend_id in counted]
+        raw = await self._call(
+            key,
+            lambda: self._reset(
+                keys=[key, fence_key(key), *markers], args=[self._fence_ttl, ms_text(marker_ttl)]
+            ),
+        )
+        return int(raw)
 
     async def _script(self, script: Any, key: str, *, idempotent: bool = False) -> Any:
         return await self._call(

@@ -8,7 +8,6 @@ committed there first, then added to the Redis counters, exactly once per reques
 """
 
 import asyncio
-import functools
 import os
 import uuid
 
@@ -43,8 +42,7 @@ async def main() -> None:
     async with coord, guard:  # the guard's outbox drainer runs inside
         for entity in ENTITIES:  # create each entity with its budget and zero spend
             await source.set_budget(entity.scope, entity.id, entity.max_budget)
-            reset = functools.partial(guard.reset, entity.scope, entity.id)
-            await source.reset_spend(entity.scope, entity.id, on_locked=reset)
+            await guard.reset_spend(entity.scope, entity.id)
 
         run = uuid.uuid4().hex[:8]  # request ids are remembered forever: unique per run
         for n in range(1, 5):
@@ -63,8 +61,7 @@ async def main() -> None:
 
         # A budget reset: the DB row is zeroed and, while it is locked, the counter reset
         # (a rebuild in flight cannot bring the old spend back).
-        reset = functools.partial(guard.reset, "key", "sk-hash-1")
-        await source.reset_spend("key", "sk-hash-1", on_locked=reset)
+        await guard.reset_spend("key", "sk-hash-1")
         spends = await guard.check(ENTITIES)
         print(f"after the key's reset: allowed, key spent {spends[0]:g} of 3")
         print(f"the user (no budget) has spent {await guard.current_spend('user', 'u-1'):g}")

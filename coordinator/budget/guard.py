@@ -50,7 +50,7 @@ import logging
 import math
 import re
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, get_args, runtime_checkable
@@ -341,6 +341,16 @@ class LedgerSource(SpendSource, Protocol):
         """Up to ``limit`` outbox rows older than ``older_than`` seconds that no other
         claim holds, oldest first."""
 
+    async def reset_spend(
+        self,
+        scope: Scope,
+        entity_id: EntityId,
+        *,
+        on_locked: Callable[[list[str]], Awaitable[object]] | None = None,
+    ) -> list[str]:
+        """Set the entity's spend to 0 and drop its outbox rows, in one transaction;
+        ``on_locked(request ids dropped)`` runs inside it and again after the commit."""
+
 
 class BudgetObserver(Protocol):
     """Metrics hook (e.g. a Prometheus exporter). Called inline: cheap, never raising."""
@@ -590,11 +600,29 @@ class BudgetGuard:
                 await self._drainer
             self._drainer = None
 
-    async def reset(self, scope: str, entity_id: EntityId) -> None:
+    async def reset(
+        self, scope: str, entity_id: EntityId, wiped: Sequence[str] = ()
+    ) -> None:
         """Delete the entity's counter through the coordinator's fenced reset: a rebuild in
-        flight cannot bring pre-reset spend back. Reset the source's spend first (or in the
-        same transaction: ``PostgresSpendSource.reset_spend(on_locked=...)``)."""
-        await self._coordinator.reset(self.key(scope, entity_id))
+        flight cannot bring pre-reset spend back. ``wiped``: request ids whose spend the
+        source's reset dropped, marked counted so that no apply of them still in flight
+        lands on the rebuilt counter. Reset the source's spend first, or call
+        :meth:`reset_spend`, which does both."""
+        await self._coordinator.reset(
+            self.key(scope, entity_id),
+            counted=[spend_id(request_id) for request_id in wiped],
+            window=self._window,
+        )
+
+    async def reset_spend(self, scope: Scope, entity_id: EntityId) -> None:
+        """A budget reset, in one call (ledger mode): the source's spend set to 0 and its
+        outbox rows of the entity dropped, the counter reset while the row is locked and
+        once more after the commit (see ``PostgresSpendSource.reset_spend``)."""
+
+        async def counter(wiped: list[str]) -> None:
+            await self.reset(scope, entity_id, wiped)
+
+        await self._ledger().reset_spend(scope, entity_id, on_locked=counter)
 
     # -- internals -----------------------------------------------------------------------
 

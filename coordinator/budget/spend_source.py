@@ -44,7 +44,8 @@ from .guard import (
     entity_ref,
 )
 
-OnLocked = Callable[[], Awaitable[object]]
+#: Called with the request ids of the outbox rows a reset wiped out.
+OnLocked = Callable[[list[str]], Awaitable[object]]
 #: Adds ``cost`` to each entity's spend on ``connection``, inside ``record``'s transaction.
 WriteSpend = Callable[[Any, Sequence[Entity], float], Awaitable[object]]
 
@@ -91,7 +92,7 @@ _SETTLE = """
 DELETE FROM spend_outbox o USING unnest($1::text[], $2::text[]) AS d(entity, request_id)
 WHERE o.entity = d.entity AND o.request_id = d.request_id
 """
-_FORGET = "DELETE FROM spend_outbox WHERE entity = $1"
+_FORGET = "DELETE FROM spend_outbox WHERE entity = $1 RETURNING request_id"
 _LAG = f"SELECT count(*), max({_AGE}) FROM spend_outbox"
 _RESET_ENTITY = "UPDATE budget_entity SET spend = 0 WHERE scope = $1 AND entity_id = $2 RETURNING 1"
 _RESET_MEMBER = "UPDATE team_member SET spend = 0 WHERE team_id = $1 AND user_id = $2 RETURNING 1"
@@ -280,13 +281,16 @@ class PostgresSpendSource:
 
     async def reset_spend(
         self, scope: Scope, entity_id: EntityId, *, on_locked: OnLocked | None = None
-    ) -> None:
-        """Set the entity's spend to 0 and drop its outbox rows (costs the reset wipes out).
-        Pass ``on_locked=lambda: guard.reset(scope, id)``: the counter is then reset while
-        the row is locked, so no spend write in flight can land between the two resets, and
-        once more after the commit: a rebuild that read the spend between the first counter
-        reset and the commit (its snapshot does not wait for the row lock) seeded the old
-        spend, and the second reset deletes that seed or fences it out."""
+    ) -> list[str]:
+        """Set the entity's spend to 0 and drop its outbox rows (costs the reset wipes out);
+        their request ids. ``guard.reset_spend(scope, id)`` is the one call that also resets
+        the counter: it passes ``on_locked=`` a callback that receives those ids and resets
+        the counter marking them counted (so an apply still in flight for one of them adds
+        nothing to the rebuilt counter), called while the row is locked (no spend write in
+        flight can land between the two resets) and once more after the commit: a rebuild
+        that read the spend between the first counter reset and the commit (its snapshot
+        does not wait for the row lock) seeded the old spend, and the second reset deletes
+        that seed or fences it out."""
         item = as_entity((scope, entity_id))
         if item.scope == "team_member":
             sql, args = _RESET_MEMBER, _args(item.id)
@@ -295,11 +299,13 @@ class PostgresSpendSource:
         async with self._connection() as conn, conn.transaction():
             if await conn.fetchval(sql, *args) is None:
                 raise MissingRowError(f"no {item.scope} row for {item.id!r} to reset")
-            await conn.execute(_FORGET, entity_ref(item.scope, item.id))
+            rows = await conn.fetch(_FORGET, entity_ref(item.scope, item.id))
+            wiped = [row[0] for row in rows]
             if on_locked is not None:
-                await on_locked()
+                await on_locked(wiped)
         if on_locked is not None:
-            await on_locked()
+            await on_locked(wiped)
+        return wiped
 
     async def set_budget(self, scope: Scope, entity_id: EntityId, max_budget: float | None) -> None:
         """Create the entity (spend 0) or change its budget (None: no budget)."""

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import functools
 import hashlib
 import importlib.util
 import os
@@ -235,9 +234,7 @@ async def seed_demo(servers: Servers, *, key_budget: float, cost: float) -> Demo
             guard = BudgetGuard(coordinator, source, write_mode="ledger")
             for scope, entity_id, budget in budgets:
                 await source.set_budget(scope, entity_id, budget)
-                await source.reset_spend(
-                    scope, entity_id, on_locked=functools.partial(guard.reset, scope, entity_id)
-                )
+                await guard.reset_spend(scope, entity_id)
     return Demo(DEMO_KEY, key_hash, key_budget, cost)
 
 

@@ -295,11 +295,7 @@ class Pod:
             entity = as_entity(
                 (body["scope"], tuple(raw_id) if isinstance(raw_id, list) else raw_id)
             )
-            await self.source.reset_spend(
-                entity.scope,
-                entity.id,
-                on_locked=lambda: self.guard.reset(entity.scope, entity.id),
-            )
+            await self.guard.reset_spend(entity.scope, entity.id)
         except MissingRowError as exc:
             return _error(404, "not_found", str(exc))
         except (KeyError, TypeError, ValueError) as exc:

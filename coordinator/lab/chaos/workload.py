@@ -255,11 +255,7 @@ class _Pod:
         self.link.send(ResetBegun(self.name, ref, time.time()))
 
         async def reset() -> None:
-            await self.source.reset_spend(
-                scope,  # type: ignore[arg-type]
-                entity_id,
-                on_locked=lambda: self.guard.reset(scope, entity_id),
-            )
+            await self.guard.reset_spend(scope, entity_id)  # type: ignore[arg-type]
 
         await self._call("reset", None, (ref,), None, reset())
 
