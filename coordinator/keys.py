@@ -77,3 +77,8 @@ def applied_key(key: str, spend_id: str) -> str:
     """
     validate_key(spend_id)
     return f"{same_slot_prefix(key)}{_SEP}applied{_SEP}{spend_id}"
+
+
+def holds_key(key: str) -> str:
+    """The hash of budget holds (reservations in flight) against counter ``key``, in its slot."""
+    return f"{same_slot_prefix(key)}{_SEP}holds"
