@@ -45,6 +45,12 @@ from typing import Any
 from fastapi import HTTPException
 from litellm.integrations.custom_logger import CustomLogger
 from litellm.proxy._types import UserAPIKeyAuth
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_random_exponential,
+)
 
 from ..budget.guard import (
     OUTAGE_POLICIES,
@@ -66,6 +72,7 @@ from .litellm_tables import litellm_spend_source
 log = logging.getLogger(__name__)
 
 ENV_PREFIX = "RESEED_LITELLM_"
+SETTLE_ATTEMPTS = 4
 #: Where the pre-call hook leaves its reservation in the request's ``metadata``.
 METADATA_KEY = "reseed_budget"
 
@@ -90,6 +97,7 @@ class HookConfig:
     default_estimate: float = 0.0
     hold_ttl: float = 300.0
     counter_ttl: float = 60.0
+    socket_timeout: float = 2.0
     budgets: tuple[Entity, ...] = ()
 
     def __post_init__(self) -> None:
@@ -108,7 +116,8 @@ class HookConfig:
     def from_env(cls, environ: Mapping[str, str] | None = None) -> HookConfig:
         """``RESEED_LITELLM_`` + ``REDIS_URL``, ``PG_DSN`` (required), ``LOCK_URLS``
         (comma-separated), ``NAMESPACE``, ``OUTAGE_POLICY``, ``ESTIMATES`` (JSON object:
-        model -> USD), ``DEFAULT_ESTIMATE``, ``HOLD_TTL``, ``COUNTER_TTL`` (seconds),
+        model -> USD), ``DEFAULT_ESTIMATE``, ``HOLD_TTL``, ``COUNTER_TTL``,
+        ``SOCKET_TIMEOUT`` (seconds),
         ``BUDGETS`` (JSON list of ``[scope, id, max_budget]``, a team member's id
         ``[team_id, user_id]``)."""
         env = os.environ if environ is None else environ
@@ -128,6 +137,7 @@ class HookConfig:
                     ("DEFAULT_ESTIMATE", "0"),
                     ("HOLD_TTL", "300"),
                     ("COUNTER_TTL", "60"),
+                    ("SOCKET_TIMEOUT", "2"),
                 ]
             }
         except ValueError as exc:
@@ -149,6 +159,7 @@ class HookConfig:
             default_estimate=numbers["DEFAULT_ESTIMATE"],
             hold_ttl=numbers["HOLD_TTL"],
             counter_ttl=numbers["COUNTER_TTL"],
+            socket_timeout=numbers["SOCKET_TIMEOUT"],
             budgets=tuple(_budget_entry(entry) for entry in budgets),
         )
 
@@ -262,8 +273,18 @@ class BudgetHook(CustomLogger):  # type: ignore[misc]  # LiteLLM's class is unty
             return
         logged = kwargs.get("standard_logging_object") or {}
         cost = logged.get("response_cost", kwargs.get("response_cost")) or 0.0
+        guard = await self.guard()
         try:
-            await (await self.guard()).settle(reservation, float(cost))
+            # Recording is exactly once per request id, so a store failure is retried: a
+            # burst of success events opens connections faster than a busy pod connects.
+            async for attempt in AsyncRetrying(
+                retry=retry_if_exception_type(BudgetUnavailableError),
+                stop=stop_after_attempt(SETTLE_ATTEMPTS),
+                wait=wait_random_exponential(multiplier=0.05, max=1.0),
+                reraise=True,
+            ):
+                with attempt:
+                    await guard.settle(reservation, float(cost))
         except ReseedError as exc:
             # A logging callback must not raise: the hold expires, and the counter catches
             # up with LiteLLM's own spend write when it is next rebuilt.
@@ -297,7 +318,10 @@ class BudgetHook(CustomLogger):  # type: ignore[misc]  # LiteLLM's class is unty
         make = self._make_source or _litellm_source
         self._source = await make(config)
         self._coordinator = ReseedCoordinator.from_urls(
-            config.redis_url, lock_urls=list(config.lock_urls), ttl=config.counter_ttl
+            config.redis_url,
+            lock_urls=list(config.lock_urls),
+            ttl=config.counter_ttl,
+            socket_timeout=config.socket_timeout,
         )
         return BudgetGuard(
             self._coordinator,
