@@ -32,10 +32,16 @@ from redis.asyncio import Redis
 
 from coordinator.budget import EntityId, Scope, spend_key
 from coordinator.budget.doctor import Doctor
-from coordinator.integrations.litellm_tables import LITELLM_BATCH_QUERIES
+from coordinator.integrations.litellm_tables import LITELLM_BATCH_QUERIES, LITELLM_TABLES
 from coordinator.keys import holds_key
 from coordinator.lab.embedded import EmbeddedServers
-from coordinator.lab.litellm_pods import install_litellm_schema, litellm_available, run_litellm_pods
+from coordinator.lab.litellm_pods import (
+    add_litellm_rows,
+    add_litellm_spend,
+    install_litellm_schema,
+    litellm_available,
+    run_litellm_pods,
+)
 from coordinator.lab.proxy import Pod
 from coordinator.lab.servers import Servers
 
@@ -180,59 +186,10 @@ async def _litellm_database(admin_dsn: str) -> str:
     return dsn
 
 
-# Where the batched writer adds spend: (table, id columns) per scope.
-_ROWS: dict[Scope, tuple[str, tuple[str, ...]]] = {
-    "key": ('"LiteLLM_VerificationToken"', ("token",)),
-    "team": ('"LiteLLM_TeamTable"', ("team_id",)),
-    "team_member": ('"LiteLLM_TeamMembership"', ("team_id", "user_id")),
-    "user": ('"LiteLLM_UserTable"', ("user_id",)),
-    "org": ('"LiteLLM_OrganizationTable"', ("organization_id",)),
-    "end_user": ('"LiteLLM_EndUserTable"', ("user_id",)),
-    "tag": ('"LiteLLM_TagTable"', ("tag_name",)),
-}
-
-
-async def _seed_rows(db: Any, tenant: Tenant, spend: float, key_spend: float) -> None:
-    """LiteLLM's rows of the tenant's entities, with their spend so far."""
-    await db.execute(
-        """INSERT INTO "LiteLLM_BudgetTable" (budget_id, created_by, updated_by)
-        VALUES ($1, 'e2e', 'e2e') ON CONFLICT DO NOTHING""",
-        "budget-e2e",
-    )
-    await db.execute(
-        """INSERT INTO "LiteLLM_OrganizationTable"
-        (organization_id, organization_alias, budget_id, created_by, updated_by, spend)
-        VALUES ($1, $1, 'budget-e2e', 'e2e', 'e2e', $2)""",
-        tenant.ids["org"],
-        spend,
-    )
-    for scope, entity_id in tenant.entities():
-        if scope == "org":
-            continue
-        table, columns = _ROWS[scope]
-        parts = entity_id if isinstance(entity_id, tuple) else (entity_id,)
-        names = ", ".join(columns)
-        marks = ", ".join(f"${i + 2}" for i in range(len(parts)))
-        await db.execute(
-            f"INSERT INTO {table} (spend, {names}) VALUES ($1, {marks})",
-            key_spend if scope == "key" else spend,
-            *parts,
-        )
-
-
-async def _write_spend(db: Any, tenant: Tenant, cost: float) -> None:
-    """LiteLLM's batched writer: add ``cost`` to every entity's row."""
-    for scope, entity_id in tenant.entities():
-        table, columns = _ROWS[scope]
-        parts = entity_id if isinstance(entity_id, tuple) else (entity_id,)
-        where = " AND ".join(f"{column} = ${i + 2}" for i, column in enumerate(columns))
-        await db.execute(f"UPDATE {table} SET spend = spend + $1 WHERE {where}", cost, *parts)
-
-
 @pytest.fixture
 async def db(fleet: Fleet) -> AsyncIterator[Any]:
     conn = await asyncpg.connect(fleet.dsn)
-    tables = ", ".join(table for table, _ in _ROWS.values())
+    tables = ", ".join(table for table, _ in LITELLM_TABLES.values())
     await conn.execute(f'TRUNCATE {tables}, "LiteLLM_BudgetTable" CASCADE')
     yield conn
     await conn.close()
@@ -293,7 +250,7 @@ async def _settled(store: Redis, tenant: Tenant, expected: list[float]) -> list[
 async def test_cold_start_reads_each_counter_once_and_counts_every_cost_once(
     fleet: Fleet, counters: Redis, db: Any
 ) -> None:
-    await _seed_rows(db, COLD, SEED, SEED)
+    await add_litellm_rows(db, COLD.entities(), SEED)
     requests = 24
 
     responses = await _burst(fleet, COLD, requests)
@@ -315,7 +272,7 @@ async def test_cold_start_reads_each_counter_once_and_counts_every_cost_once(
     assert int(await counters.get(READS) or 0) == cold
 
     # LiteLLM's writer catches up: the counters agree with LiteLLM's own tables.
-    await _write_spend(db, COLD, spent)
+    await add_litellm_spend(db, COLD.entities(), spent)
     report = await Doctor(counters, db, queries=LITELLM_BATCH_QUERIES).scan()
     assert (report.scanned, report.flagged) == (cold, [])
 
@@ -323,7 +280,8 @@ async def test_cold_start_reads_each_counter_once_and_counts_every_cost_once(
 async def test_a_key_driven_to_its_budget_is_refused_within_the_reservation_bound(
     fleet: Fleet, counters: Redis, db: Any
 ) -> None:
-    await _seed_rows(db, CAPPED, SEED, CAPPED_SEED)
+    await add_litellm_rows(db, CAPPED.entities()[1:], SEED)
+    await add_litellm_rows(db, CAPPED.entities()[:1], CAPPED_SEED)
     budget = CAPPED.budgets["key"]
     admitted: list[httpx.Response] = []
     refused: list[httpx.Response] = []

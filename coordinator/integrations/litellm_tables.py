@@ -20,48 +20,45 @@ from typing import Any
 from ..budget.guard import Scope
 from ..budget.spend_source import PostgresSpendSource
 
-# (table, id column) of each scope whose id is one string.
-_TABLES: Mapping[Scope, tuple[str, str]] = {
-    "key": ('"LiteLLM_VerificationToken"', "token"),
-    "team": ('"LiteLLM_TeamTable"', "team_id"),
-    "user": ('"LiteLLM_UserTable"', "user_id"),
-    "org": ('"LiteLLM_OrganizationTable"', "organization_id"),
-    "end_user": ('"LiteLLM_EndUserTable"', "user_id"),
-    "tag": ('"LiteLLM_TagTable"', "tag_name"),
+#: Each scope's table and id column(s) in LiteLLM's schema (a team member: team, then user).
+LITELLM_TABLES: Mapping[Scope, tuple[str, tuple[str, ...]]] = {
+    "key": ('"LiteLLM_VerificationToken"', ("token",)),
+    "team": ('"LiteLLM_TeamTable"', ("team_id",)),
+    "team_member": ('"LiteLLM_TeamMembership"', ("team_id", "user_id")),
+    "user": ('"LiteLLM_UserTable"', ("user_id",)),
+    "org": ('"LiteLLM_OrganizationTable"', ("organization_id",)),
+    "end_user": ('"LiteLLM_EndUserTable"', ("user_id",)),
+    "tag": ('"LiteLLM_TagTable"', ("tag_name",)),
 }
-_MEMBERS = '"LiteLLM_TeamMembership"'
 # Scopes whose entities may spend before LiteLLM writes their row.
-_LAZY_ROWS: frozenset[Scope] = frozenset({"end_user", "tag"})
+_LAZY_ROWS: frozenset[Scope] = frozenset({"team_member", "end_user", "tag"})
 
 
 def _single(scope: Scope) -> str:
-    table, column = _TABLES[scope]
-    query = f"SELECT spend FROM {table} WHERE {column} = $1"
+    table, columns = LITELLM_TABLES[scope]
+    where = " AND ".join(f"{column} = ${i + 1}" for i, column in enumerate(columns))
+    query = f"SELECT spend FROM {table} WHERE {where}"
     return f"SELECT coalesce(({query}), 0)" if scope in _LAZY_ROWS else query
+
+
+def _batch(scope: Scope) -> str:
+    table, columns = LITELLM_TABLES[scope]
+    arrays = ", ".join(f"${i + 1}::text[]" for i in range(len(columns)))
+    on = " AND ".join(f"m.{column} = k.{column}" for column in columns)
+    selected = ", ".join(f"m.{column}" for column in columns)
+    return (
+        f"SELECT {selected}, m.spend FROM {table} m "
+        f"JOIN unnest({arrays}) AS k({', '.join(columns)}) ON {on}"
+    )
 
 
 #: One entity's spend per scope, for :class:`PostgresSpendSource` (``$1`` the id;
 #: ``team_member``: ``$1`` the team, ``$2`` the user).
-LITELLM_QUERIES: Mapping[str, str] = {
-    **{scope: _single(scope) for scope in _TABLES},
-    "team_member": (
-        f"SELECT coalesce((SELECT spend FROM {_MEMBERS} WHERE team_id = $1 AND user_id = $2), 0)"
-    ),
-}
+LITELLM_QUERIES: Mapping[str, str] = {scope: _single(scope) for scope in LITELLM_TABLES}
 
 #: The doctor's batch queries per scope (``$1`` a ``text[]`` of ids; ``team_member``: ``$1``
 #: the teams, ``$2`` the users; rows: the id column(s), then the spend).
-LITELLM_BATCH_QUERIES: Mapping[str, str] = {
-    **{
-        scope: f"SELECT {column}, spend FROM {table} WHERE {column} = ANY($1::text[])"
-        for scope, (table, column) in _TABLES.items()
-    },
-    "team_member": (
-        f"SELECT m.team_id, m.user_id, m.spend FROM {_MEMBERS} m "
-        "JOIN unnest($1::text[], $2::text[]) AS k(team_id, user_id) "
-        "ON m.team_id = k.team_id AND m.user_id = k.user_id"
-    ),
-}
+LITELLM_BATCH_QUERIES: Mapping[str, str] = {scope: _batch(scope) for scope in LITELLM_TABLES}
 
 
 async def litellm_spend_source(dsn: str, **options: Any) -> PostgresSpendSource:
@@ -70,4 +67,4 @@ async def litellm_spend_source(dsn: str, **options: Any) -> PostgresSpendSource:
     return await PostgresSpendSource.connect(dsn, LITELLM_QUERIES, **options)
 
 
-__all__ = ["LITELLM_BATCH_QUERIES", "LITELLM_QUERIES", "litellm_spend_source"]
+__all__ = ["LITELLM_BATCH_QUERIES", "LITELLM_QUERIES", "LITELLM_TABLES", "litellm_spend_source"]

@@ -17,11 +17,13 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from ..budget.guard import EntityId, Scope
+from ..integrations.litellm_tables import LITELLM_TABLES
 from .embedded.process import file_size, free_port, spawn
 from .proxy import HOST, Pod, ProxyError, _stop
 from .servers import Servers
@@ -48,13 +50,49 @@ def litellm_migrations() -> list[str]:
     ]
 
 
-async def install_litellm_schema(pool: Any) -> int:
-    """Apply LiteLLM's migrations to an empty database; how many were applied."""
+async def install_litellm_schema(db: Any) -> int:
+    """Apply LiteLLM's migrations to an empty database (``db``: an asyncpg connection or
+    pool); how many were applied."""
     scripts = litellm_migrations()
-    async with pool.acquire() as conn:
-        for script in scripts:
-            await conn.execute(script)
+    for script in scripts:
+        await db.execute(script)
     return len(scripts)
+
+
+def _where(scope: Scope, entity_id: EntityId) -> tuple[str, tuple[str, ...], tuple[str, ...]]:
+    table, columns = LITELLM_TABLES[scope]
+    return table, columns, entity_id if isinstance(entity_id, tuple) else (entity_id,)
+
+
+async def add_litellm_rows(
+    db: Any, entities: Sequence[tuple[Scope, EntityId]], spend: float
+) -> None:
+    """LiteLLM's rows for ``entities``, each with ``spend`` so far (what LiteLLM's own
+    management API would have created; an organization needs a budget row)."""
+    for scope, entity_id in entities:
+        table, columns, parts = _where(scope, entity_id)
+        names = ", ".join(columns)
+        marks = ", ".join(f"${i + 2}" for i in range(len(parts)))
+        if scope == "org":
+            await db.execute(
+                """INSERT INTO "LiteLLM_BudgetTable" (budget_id, created_by, updated_by)
+                VALUES ('reseed-lab', 'reseed-lab', 'reseed-lab') ON CONFLICT DO NOTHING"""
+            )
+            names += ", organization_alias, budget_id, created_by, updated_by"
+            marks += ", $2, 'reseed-lab', 'reseed-lab', 'reseed-lab'"
+        await db.execute(
+            f"INSERT INTO {table} (spend, {names}) VALUES ($1, {marks})", spend, *parts
+        )
+
+
+async def add_litellm_spend(
+    db: Any, entities: Sequence[tuple[Scope, EntityId]], cost: float
+) -> None:
+    """What LiteLLM's batched spend writer does: add ``cost`` to every entity's row."""
+    for scope, entity_id in entities:
+        table, columns, parts = _where(scope, entity_id)
+        where = " AND ".join(f"{column} = ${i + 2}" for i, column in enumerate(columns))
+        await db.execute(f"UPDATE {table} SET spend = spend + $1 WHERE {where}", cost, *parts)
 
 
 def pod_env(servers: Servers, settings: Mapping[str, str]) -> dict[str, str]:
