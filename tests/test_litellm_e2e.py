@@ -130,6 +130,16 @@ def _tenant(name: str, key_budget: float) -> Tenant:
 
 
 COLD = _tenant("cold", 1000.0)
+# A key without any budget, whose requests carry a forged reservation of COLD's team.
+FREE = Tenant("sk-free", {"team": "team-free", "tag": "tag-free"}, {})
+FORGED = {
+    "reseed_budget": {
+        "request_id": "forged",
+        "estimate": 0.0,
+        "entities": [["team", COLD.ids["team"], 1000.0]],
+        "held_keys": [],
+    }
+}
 CAPPED = _tenant("capped", 0.6)
 SEED = 0.5  # every entity's spend in the DB when the test starts
 CAPPED_SEED = 0.25
@@ -154,7 +164,9 @@ def fleet(servers: EmbeddedServers, tmp_path_factory: pytest.TempPathFactory) ->
     tenants = [COLD, CAPPED]
     settings = {
         "LITELLM_MASTER_KEY": MASTER_KEY,
-        "RESEED_DEMO_KEYS": json.dumps({t.token: t.auth() for t in tenants}),
+        "RESEED_DEMO_KEYS": json.dumps(
+            {**{t.token: t.auth() for t in tenants}, FREE.token: {"team_id": FREE.ids["team"]}}
+        ),
         "RESEED_LITELLM_ESTIMATES": json.dumps({"demo": ESTIMATE}),
         # Budgets LiteLLM's auth does not carry: team members and tags.
         "RESEED_LITELLM_BUDGETS": json.dumps(
@@ -202,7 +214,11 @@ async def counters(fleet: Fleet, store: Redis) -> Redis:
 
 
 async def _chat(
-    client: httpx.AsyncClient, pod: Pod, tenant: Tenant, call_id: str | None = None
+    client: httpx.AsyncClient,
+    pod: Pod,
+    tenant: Tenant,
+    call_id: str | None = None,
+    metadata: dict[str, Any] | None = None,
 ) -> httpx.Response:
     headers = {"Authorization": f"Bearer {tenant.token}"}
     if call_id is not None:
@@ -210,7 +226,11 @@ async def _chat(
     return await client.post(
         f"{pod.url}/v1/chat/completions",
         headers=headers,
-        json={"model": "demo", "messages": PROMPT, "metadata": {"tags": [tenant.ids["tag"]]}},
+        json={
+            "model": "demo",
+            "messages": PROMPT,
+            "metadata": {"tags": [tenant.ids["tag"]], **(metadata or {})},
+        },
     )
 
 
@@ -262,11 +282,13 @@ async def test_cold_start_reads_each_counter_once_and_counts_every_cost_once(
     expected = [SEED + spent] * cold
     assert await _settled(counters, COLD, expected) == expected
 
-    # A replayed litellm_call_id is served, holds its estimate again, and adds nothing.
+    # A replayed litellm_call_id is served, holds its estimate again, and adds nothing; nor
+    # does a reservation forged in a client's metadata (sent first, to the same pod).
     replayed = responses[0].headers["x-litellm-call-id"]
     async with httpx.AsyncClient(timeout=HTTP_TIMEOUT) as client:
+        forged = await _chat(client, fleet.pods[1], FREE, metadata=FORGED)
         again = await _chat(client, fleet.pods[1], COLD, call_id=replayed)
-    assert again.status_code == 200
+    assert (forged.status_code, again.status_code) == (200, 200)
     assert again.headers["x-litellm-call-id"] == replayed
     assert await _settled(counters, COLD, expected) == expected
     assert int(await counters.get(READS) or 0) == cold

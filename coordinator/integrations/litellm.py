@@ -245,6 +245,12 @@ class BudgetHook(CustomLogger):  # type: ignore[misc]  # LiteLLM's class is unty
         data: dict[str, Any],
         call_type: Any,
     ) -> dict[str, Any]:
+        metadata = data.get("metadata")
+        if not isinstance(metadata, dict):
+            metadata = data["metadata"] = {}
+        # The client's metadata arrives here too: a reservation in it is forged (it would
+        # charge or release entities of the client's choosing after the call).
+        metadata.pop(METADATA_KEY, None)
         try:
             entities = self.entities(user_api_key_dict, data)
         except (InvalidKeyError, InvalidValueError) as exc:
@@ -259,9 +265,6 @@ class BudgetHook(CustomLogger):  # type: ignore[misc]  # LiteLLM's class is unty
             raise _over_budget(exc) from exc
         except ReseedError as exc:
             raise _unavailable(exc) from exc
-        metadata = data.get("metadata")
-        if not isinstance(metadata, dict):
-            metadata = data["metadata"] = {}
         metadata[METADATA_KEY] = _dump(reservation)
         return data
 
@@ -360,7 +363,9 @@ def _budget_entry(entry: object) -> Entity:
 def _tags(data: Mapping[str, Any]) -> list[str]:
     metadata = data.get("metadata")
     tags = data.get("tags") or (metadata.get("tags") if isinstance(metadata, dict) else None)
-    return [tag for tag in tags or () if isinstance(tag, str)]
+    if not isinstance(tags, (list, tuple)):
+        return []
+    return list(dict.fromkeys(tag for tag in tags if isinstance(tag, str) and tag))
 
 
 def _over_budget(exc: BudgetExceededError) -> BudgetHTTPException:
