@@ -20,6 +20,7 @@ import asyncio
 import hashlib
 import json
 import shutil
+import sys
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,8 +32,7 @@ import pytest
 from redis.asyncio import Redis
 
 from coordinator.budget import EntityId, Scope, spend_key
-from coordinator.budget.doctor import Doctor
-from coordinator.integrations.litellm_tables import LITELLM_BATCH_QUERIES, LITELLM_TABLES
+from coordinator.integrations.litellm_tables import LITELLM_TABLES
 from coordinator.keys import holds_key
 from coordinator.lab.embedded import EmbeddedServers
 from coordinator.lab.litellm_pods import (
@@ -234,6 +234,24 @@ async def _chat(
     )
 
 
+async def _doctor(fleet: Fleet, *flags: str) -> tuple[int, dict[str, Any]]:
+    """``python -m coordinator doctor`` on the fleet's store and LiteLLM's database."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "coordinator",
+        "doctor",
+        "--redis-url",
+        fleet.store_url,
+        "--pg-dsn",
+        fleet.dsn,
+        *flags,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), HTTP_TIMEOUT)
+    return proc.returncode or 0, json.loads(out)
+
+
 def _cost(response: httpx.Response) -> float:
     return float(response.json()["usage"]["total_tokens"]) * TOKEN_PRICE
 
@@ -295,8 +313,8 @@ async def test_cold_start_reads_each_counter_once_and_counts_every_cost_once(
 
     # LiteLLM's writer catches up: the counters agree with LiteLLM's own tables.
     await add_litellm_spend(db, COLD.entities(), spent)
-    report = await Doctor(counters, db, queries=LITELLM_BATCH_QUERIES).scan()
-    assert (report.scanned, report.flagged) == (cold, [])
+    code, report = await _doctor(fleet, "--litellm-schema", "--json")
+    assert (code, report["summary"]["scanned"], report["summary"]["healthy"]) == (0, cold, cold)
 
 
 async def test_a_key_driven_to_its_budget_is_refused_within_the_reservation_bound(
