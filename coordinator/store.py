@@ -20,11 +20,13 @@ reads a source that includes the spend too.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 
@@ -249,6 +251,18 @@ class ReserveOutcome:
     spends: tuple[float, ...] = ()
     held: tuple[float, ...] = ()
     indices: tuple[int, ...] = ()
+
+
+def slot_groups(client: object, keys: Sequence[str]) -> list[list[int]]:
+    """The positions of ``keys`` grouped by what one script may touch: all of them on one
+    server; those of one hash slot on a Redis Cluster (a counter's companions share its
+    slot, see :func:`coordinator.keys.same_slot_prefix`)."""
+    if not isinstance(client, RedisCluster):
+        return [list(range(len(keys)))]
+    groups: dict[int, list[int]] = {}
+    for position, key in enumerate(keys):
+        groups.setdefault(key_slot(key.encode("utf-8")), []).append(position)
+    return list(groups.values())
 
 
 def _text(raw: bytes | str) -> str:

@@ -166,3 +166,37 @@ async def test_reserve_refuses_a_corrupt_counter_and_bad_input(
         await guard.reserve("r", [("team", "t", 5.0)], -1.0)
     with pytest.raises(ConfigurationError):
         BudgetGuard(make_coordinator(), source, write_mode="ledger", hold_ttl=0)
+
+
+@pytest.fixture
+def split_by_slot(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Group a request's counters one per group, as a Redis Cluster's slots would, on the
+    single test server (where scripts across groups still run)."""
+
+    def per_key(client: object, keys: list[str]) -> list[list[int]]:
+        return [[i] for i in range(len(keys))]
+
+    monkeypatch.setattr("coordinator.budget.guard.slot_groups", per_key)
+
+
+@pytest.mark.usefixtures("split_by_slot")
+async def test_slot_groups_refused_anywhere_keep_no_partial_hold(
+    make_coordinator: CoordFactory, store: Redis, source: PostgresSpendSource
+) -> None:
+    await _seed(source, "t", 1.6, 0.5)
+    await source.set_budget("user", "u", 100.0)
+    guards = [BudgetGuard(make_coordinator(), source, write_mode="ledger") for _ in range(2)]
+    request = [("user", "u", 100.0), ("team", "t", 1.6)]
+
+    tried = await asyncio.gather(
+        *(guards[i % 2].reserve(f"r{i}", request, 0.25) for i in range(32)),
+        return_exceptions=True,
+    )
+
+    admitted = [r for r in tried if isinstance(r, Reservation)]
+    refused = [r for r in tried if not isinstance(r, Reservation)]
+    assert len(admitted) == 4
+    assert all(isinstance(r, BudgetExceededError) and r.scope == "team" for r in refused)
+    # The user's group held for every request; the 28 refused by the team's group ended theirs.
+    assert await store.hlen(holds_key(guards[0].key("user", "u"))) == 4
+    assert await store.hlen(holds_key(guards[0].key("team", "t"))) == 4

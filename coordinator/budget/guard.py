@@ -68,7 +68,7 @@ from ..errors import (
 )
 from ..keys import validate_key
 from ..singleflight import SingleFlight
-from ..store import ApplyOutcome, CounterStore
+from ..store import ApplyOutcome, CounterStore, ReserveOutcome, slot_groups
 from ..values import Snapshot, check_amount, positive_seconds
 
 log = logging.getLogger(__name__)
@@ -712,15 +712,59 @@ class BudgetGuard:
         self, budgeted: dict[str, Entity], hold: str, amount: float
     ) -> dict[str, float]:
         """Hold ``amount`` on every counter of ``budgeted``, rebuilding missing ones first;
-        their spends, or raise :class:`BudgetExceededError`."""
+        their spends, or raise :class:`BudgetExceededError`.
+
+        One script per slot group (one for all on a single server): each group holds or
+        refuses atomically; when one group does not hold, the holds the others took are
+        ended before anything is decided, so a request never keeps a partial hold."""
         keys = list(budgeted)
         budgets = [item.max_budget or 0.0 for item in budgeted.values()]
+        groups = slot_groups(self._coordinator.store, keys)
         # A rebuilt counter can vanish again (reset, expiry) before the next attempt.
         for _ in range(_HOLD_ATTEMPTS):
-            outcome = await self._store.reserve(keys, hold, amount, budgets, self._hold_ttl)
-            if outcome.result == "held":
-                return dict(zip(keys, outcome.spends, strict=True))
-            if outcome.result == "over":
+            outcomes = await asyncio.gather(
+                *(
+                    self._store.reserve(
+                        [keys[i] for i in group],
+                        hold,
+                        amount,
+                        [budgets[i] for i in group],
+                        self._hold_ttl,
+                    )
+                    for group in groups
+                ),
+                return_exceptions=True,
+            )
+            results = list(zip(groups, outcomes, strict=True))
+            held = [
+                group
+                for group, outcome in results
+                if isinstance(outcome, ReserveOutcome) and outcome.result == "held"
+            ]
+            if len(held) == len(groups):
+                return {
+                    keys[i]: spend
+                    for group, outcome in results
+                    if isinstance(outcome, ReserveOutcome)
+                    for i, spend in zip(group, outcome.spends, strict=True)
+                }
+            if held:
+                await self._end_partial([keys[i] for group in held for i in group], hold)
+            failure = next((o for o in outcomes if isinstance(o, BaseException)), None)
+            if failure is not None:
+                raise failure  # a store failure goes to the outage policy
+            decided = [
+                (group, outcome)
+                for group, outcome in results
+                if isinstance(outcome, ReserveOutcome)
+            ]
+            over = sorted(
+                (group[j], outcome, j)
+                for group, outcome in decided
+                if outcome.result == "over"
+                for j in outcome.indices
+            )
+            if over:
                 raise self._refusal(
                     [
                         (
@@ -728,16 +772,21 @@ class BudgetGuard:
                             Overage(
                                 budgeted[keys[i]].scope,
                                 budgeted[keys[i]].id,
-                                outcome.spends[i],
+                                outcome.spends[j],
                                 budgets[i],
-                                outcome.held[i],
+                                outcome.held[j],
                                 amount,
                             ),
                         )
-                        for i in outcome.indices
+                        for i, outcome, j in over
                     ]
                 )
-            missing = [keys[i] for i in outcome.indices]
+            missing = [
+                keys[group[j]]
+                for group, outcome in decided
+                if outcome.result == "missing"
+                for j in outcome.indices
+            ]
             await self._coordinator.get_many(
                 [(key, self._loader(budgeted[key])) for key in missing]
             )
@@ -746,6 +795,12 @@ class BudgetGuard:
             policy=self.outage_policy,
             key=keys[0],
         )
+
+    async def _end_partial(self, keys: list[str], hold: str) -> None:
+        try:
+            await self._store.release(keys, hold)
+        except StoreError as exc:
+            log.warning("partial hold %s not ended (it expires): %s", hold, exc)
 
     def _ledger(self) -> LedgerSource:
         if not isinstance(self._source, LedgerSource):
