@@ -116,8 +116,7 @@ async def hook(servers: EmbeddedServers, store: Redis, source: PostgresSpendSour
     )
     made = BudgetHook(config, source=shared)
     yield made
-    if made._coordinator is not None:
-        await made._coordinator.aclose()
+    await made.aclose()  # the source's pool too: closing it again is a no-op
 
 
 async def test_reserve_refuse_settle_once_and_release_as_litellm_calls_them(
@@ -178,3 +177,27 @@ async def test_a_reservation_forged_in_the_clients_metadata_is_dropped(
 
     assert METADATA_KEY not in served["metadata"]
     assert not await store.exists(spend_key("team", "victim"))
+
+
+async def test_a_counter_store_outage_answers_503_under_fail_closed(
+    servers: EmbeddedServers, source: PostgresSpendSource
+) -> None:
+    assert servers.postgres is not None
+    await source.set_budget("team", "t", 5.0)
+
+    async def shared(config: Any) -> PostgresSpendSource:
+        return source
+
+    # Nothing listens on port 1: every store command fails to connect.
+    down = HookConfig("redis://127.0.0.1:1", servers.postgres.dsn, socket_timeout=0.2)
+    hook = BudgetHook(down, source=shared)
+    auth = _auth(team_id="t", team_max_budget=5.0)
+    try:
+        with pytest.raises(BudgetHTTPException) as refused:
+            await hook.async_pre_call_hook(
+                auth, None, {"model": "m", "litellm_call_id": "c"}, "completion"
+            )
+    finally:
+        await hook.aclose()
+    assert (refused.value.status_code, refused.value.type) == (503, "budget_unavailable")
+    assert refused.value.detail["policy"] == "fail-closed"
