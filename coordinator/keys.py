@@ -117,3 +117,8 @@ def applied_key(key: str, spend_id: str) -> str:
     """
     _valid_text(spend_id)
     return f"{same_slot_prefix(key)}{SEPARATOR}applied{SEPARATOR}{spend_id}"
+
+
+def holds_key(key: str) -> str:
+    """The hash of budget holds (reservations in flight) against counter ``key``, in its slot."""
+    return f"{same_slot_prefix(key)}{SEPARATOR}holds"

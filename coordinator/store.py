@@ -26,11 +26,12 @@ from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 from redis.asyncio import Redis, RedisCluster
+from redis.crc import key_slot
 from redis.exceptions import ClusterDownError, RedisError, ResponseError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from .errors import CorruptCounterError, InvalidValueError, StoreError, WrongTypeError
-from .keys import applied_key, fence_key, seed_channel
+from .keys import applied_key, fence_key, holds_key, seed_channel
 from .values import Snapshot, format_value, ms_text, parse_stored
 
 T = TypeVar("T")
@@ -180,6 +181,63 @@ return {'missing', false}
 """
 )
 
+# Budget reservation: KEYS are (counter, holds hash) pairs, one per budgeted entity; ARGV[1]
+# the hold's id, ARGV[2] its amount, ARGV[3] its lifetime in ms, ARGV[4..] the budgets in
+# KEYS order. A hold is ``<expiry ms> <amount>``, the expiry from the server clock (pod
+# clocks may disagree), so a pod killed mid-call holds budget only until then: expired holds
+# are pruned by every reservation that reads them. The request is refused, holding nothing,
+# if any entity's spend + other holds + amount reaches its budget (the comparison of a plain
+# check: an amount of 0 makes this exactly that check). A missing counter decides nothing:
+# the caller rebuilds it and calls again. A replayed hold id replaces its own hold.
+_RESERVE = LUA_COUNTER_GRAMMAR + """
+local now = redis.call('TIME')
+local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local id, amount, lifetime = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local n = #KEYS / 2
+local spends, missing = {}, {}
+for i = 1, n do
+  local current = redis.call('GET', KEYS[2 * i - 1])
+  if not current then
+    missing[#missing + 1] = i
+  elseif not is_counter(current) then
+    return redis.error_reply('CORRUPT counter holds a non-numeric value')
+  end
+  spends[i] = current
+end
+if #missing > 0 then return {'missing', missing} end
+local held, over = {}, {}
+for i = 1, n do
+  local holds, sum = KEYS[2 * i], 0
+  local entries = redis.call('HGETALL', holds)
+  for j = 1, #entries, 2 do
+    local hold = entries[j + 1]
+    local gap = hold:find(' ', 1, true)
+    if tonumber(hold:sub(1, gap - 1)) <= now_ms then
+      redis.call('HDEL', holds, entries[j])
+    elseif entries[j] ~= id then
+      sum = sum + tonumber(hold:sub(gap + 1))
+    end
+  end
+  held[i] = string.format('%.17g', sum)
+  if tonumber(spends[i]) + sum + amount >= tonumber(ARGV[3 + i]) then over[#over + 1] = i end
+end
+if #over > 0 then return {'over', spends, held, over} end
+local hold = string.format('%.0f', now_ms + lifetime) .. ' ' .. ARGV[2]
+for i = 1, n do
+  redis.call('HSET', KEYS[2 * i], id, hold)
+  -- The hash outlives its newest hold, never much longer.
+  redis.call('PEXPIRE', KEYS[2 * i], lifetime)
+end
+return {'held', spends, held, over}
+"""
+
+# Ends a hold on every holds hash in KEYS (ARGV[1]: its id); how many it ended.
+_RELEASE = """
+local ended = 0
+for i = 1, #KEYS do ended = ended + redis.call('HDEL', KEYS[i], ARGV[1]) end
+return ended
+"""
+
 OnMissing = Literal["fence", "mark"]
 
 
@@ -202,6 +260,31 @@ class SeedOutcome:
     result: Literal["won", "present", "fenced"]
     value: float | None
     generation: int | None = None
+
+
+@dataclass(frozen=True)
+class ReserveOutcome:
+    """What a budget reservation did: ``held`` (the amount is held against every counter),
+    ``over`` (refused: nothing held) or ``missing`` (a counter is missing: nothing read or
+    held). ``spends`` and ``held`` (the other holds in force) are in key order; ``indices``
+    are the positions of the over-budget counters, or of the missing ones."""
+
+    result: Literal["held", "over", "missing"]
+    spends: tuple[float, ...] = ()
+    held: tuple[float, ...] = ()
+    indices: tuple[int, ...] = ()
+
+
+def slot_groups(client: object, keys: Sequence[str]) -> list[list[int]]:
+    """The positions of ``keys`` grouped by what one script may touch: all of them on one
+    server; those of one hash slot on a Redis Cluster (a counter's companions share its
+    slot, see :func:`coordinator.keys.same_slot_prefix`)."""
+    if not isinstance(client, RedisCluster):
+        return [list(range(len(keys)))]
+    groups: dict[int, list[int]] = {}
+    for position, key in enumerate(keys):
+        groups.setdefault(key_slot(key.encode("utf-8")), []).append(position)
+    return list(groups.values())
 
 
 def _text(raw: bytes | str) -> str:
@@ -229,6 +312,8 @@ class CounterStore:
         self._reset = client.register_script(_RESET)
         self._seed_applied = client.register_script(_SEED_APPLIED)
         self._apply = client.register_script(_APPLY)
+        self._reserve = client.register_script(_RESERVE)
+        self._release = client.register_script(_RELEASE)
 
     async def read(self, key: str) -> float | None:
         """The hot path: one GET."""
@@ -317,6 +402,39 @@ class CounterStore:
         if result == "applied":
             return ApplyOutcome("applied", parse_stored(raw, key))
         return ApplyOutcome("duplicate" if result == "duplicate" else "missing")
+
+    async def reserve(
+        self, keys: list[str], hold_id: str, amount: float, budgets: list[float], lifetime: float
+    ) -> ReserveOutcome:
+        """Hold ``amount`` against every counter in ``keys`` for ``lifetime`` seconds, in one
+        script, unless one of them would reach its budget (see ``_RESERVE``)."""
+        script_keys = [name for key in keys for name in (key, holds_key(key))]
+        args = [hold_id, format_value(amount), ms_text(lifetime), *map(format_value, budgets)]
+        kind, *rest = await self._call(
+            keys[0],
+            lambda: self._reserve(keys=script_keys, args=args),
+            idempotent=True,  # a replay replaces its own hold
+        )
+        result = _text(kind)
+        if result == "missing":
+            return ReserveOutcome("missing", indices=tuple(int(i) - 1 for i in rest[0]))
+        raw_spends, raw_held, over = rest
+        return ReserveOutcome(
+            "over" if result == "over" else "held",
+            tuple(parse_stored(raw, key) for raw, key in zip(raw_spends, keys, strict=True)),
+            tuple(float(_text(raw)) for raw in raw_held),
+            tuple(int(i) - 1 for i in over),
+        )
+
+    async def release(self, keys: list[str], hold_id: str) -> int:
+        """End hold ``hold_id`` on every counter in ``keys``; how many holds it ended."""
+        return int(
+            await self._call(
+                keys[0],
+                lambda: self._release(keys=[holds_key(key) for key in keys], args=[hold_id]),
+                idempotent=True,
+            )
+        )
 
     async def reset(
         self, key: str, counted: Sequence[str] = (), marker_ttl: float | None = None

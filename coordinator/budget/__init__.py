@@ -1,7 +1,7 @@
 """Budget enforcement on spend counters: what an LLM proxy reads and writes per request.
 
-* :mod:`.guard`: key encoding, :class:`BudgetGuard` (checks, exactly-once spend recording
-  through an outbox in ledger mode, the outbox drain, resets) and the ledger contract
+* :mod:`.guard`: key encoding, :class:`BudgetGuard` (checks, reservations, exactly-once spend
+  recording through an outbox in ledger mode, the outbox drain, resets) and the ledger contract
   (:class:`LedgerSource`) a schema of your own must keep;
 * :mod:`.spend_source`: :class:`PostgresSpendSource` (the ledger on PostgreSQL: your spend
   queries and writer, or the shipped schema's) and the shipped schema;
@@ -29,6 +29,7 @@ from .guard import (
     OutagePolicy,
     OutboxRow,
     Overage,
+    Reservation,
     Scope,
     SpendRecord,
     SpendSource,
@@ -62,6 +63,7 @@ __all__ = [
     "OutboxRow",
     "Overage",
     "PostgresSpendSource",
+    "Reservation",
     "Scope",
     "SpendRecord",
     "SpendSource",

@@ -68,7 +68,7 @@ from ..errors import (
 )
 from ..keys import validate_key
 from ..singleflight import SingleFlight
-from ..store import ApplyOutcome
+from ..store import ApplyOutcome, CounterStore, ReserveOutcome, slot_groups
 from ..values import Snapshot, check_amount, positive_seconds
 
 log = logging.getLogger(__name__)
@@ -250,12 +250,15 @@ def as_entity(item: EntityLike) -> Entity:
 
 @dataclass(frozen=True)
 class Overage:
-    """An entity whose spend reached its budget."""
+    """An entity whose spend reached its budget; for a reservation, whose spend plus
+    ``held`` (the holds of other requests in flight) plus ``estimate`` would reach it."""
 
     scope: Scope
     id: EntityId
     spend: float
     max_budget: float
+    held: float = 0.0
+    estimate: float = 0.0
 
 
 class BudgetExceededError(ReseedError):
@@ -267,8 +270,13 @@ class BudgetExceededError(ReseedError):
 
     def __init__(self, exceeded: Sequence[Overage], *, key: str | None = None) -> None:
         first = exceeded[0]
+        pending = (
+            f" + held {first.held:.15g} + estimate {first.estimate:.15g}"
+            if first.held or first.estimate
+            else ""
+        )
         super().__init__(
-            f"{first.scope} {first.id!r} is over budget: spend {first.spend:.15g} >= "
+            f"{first.scope} {first.id!r} is over budget: spend {first.spend:.15g}{pending} >= "
             f"max_budget {first.max_budget:.15g}",
             key=key,
         )
@@ -373,6 +381,23 @@ class BudgetStats:
     left_to_drain: int = 0  # ledger: committed costs whose counter apply failed
     drained: int = 0  # ledger: outbox rows applied (or settled by a reset) by drain
     overdue_resets: int = 0  # ledger: counters reset because a row outlived its marker
+    holds: int = 0  # reservations that hold budget in the counter store
+    releases: int = 0  # holds ended by settle or release (the rest expire)
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """An estimated cost held against a request's budgeted entities until the request is
+    settled (:meth:`BudgetGuard.settle`), released (:meth:`BudgetGuard.release`) or its
+    hold expires. ``spends`` are as :meth:`BudgetGuard.check` returns them; ``held_keys``
+    the counters holding it (none when no entity has a budget, or when an outage policy
+    decided the request without the counter store)."""
+
+    request_id: str
+    entities: tuple[Entity, ...]
+    estimate: float
+    spends: tuple[float | None, ...]
+    held_keys: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -396,6 +421,12 @@ class BudgetGuard:
     ``"fail-closed"``: raise :class:`BudgetUnavailableError`; ``"fail-open"``: allow).
     ``idempotency_window`` is how long a request is remembered as counted on a counter.
 
+    Reservations (:meth:`reserve`, then :meth:`settle` or :meth:`release`) hold an estimated
+    cost against the budgets while the call runs, so concurrent requests cannot all pass the
+    same headroom: spend overshoots a budget by at most the sum of (actual - estimate) over
+    the requests in flight. A hold lives ``hold_ttl`` seconds at most (set it above the
+    longest call): a pod killed mid-call holds budget until then, not forever.
+
     Ledger mode: outbox rows older than ``drain_after`` seconds are the drain's
     (:meth:`drain`; ``async with guard`` runs it every ``drain_interval`` seconds when one
     is given). A row older than half the window may have outlived its markers: the drain
@@ -414,6 +445,7 @@ class BudgetGuard:
         read_through_timeout: float = 5.0,
         drain_after: float = 5.0,
         drain_interval: float | None = None,
+        hold_ttl: float = 300.0,
         observer: BudgetObserver | None = None,
     ) -> None:
         if write_mode not in WRITE_MODES:
@@ -430,6 +462,7 @@ class BudgetGuard:
         self._window = positive_seconds("idempotency_window", idempotency_window)
         self._read_through_timeout = positive_seconds("read_through_timeout", read_through_timeout)
         self._drain_after = positive_seconds("drain_after", drain_after)
+        self._hold_ttl = positive_seconds("hold_ttl", hold_ttl)
         if self._drain_after >= self._window / 2:
             raise ConfigurationError("drain_after must be below half the idempotency_window")
         self._drain_interval = (
@@ -439,6 +472,7 @@ class BudgetGuard:
         self.write_mode: WriteMode = write_mode
         self.outage_policy: OutagePolicy = outage_policy
         self._coordinator = coordinator
+        self._store = CounterStore(coordinator.store)
         self._source = source
         self._observer = observer
         self._direct: SingleFlight[str, float] = SingleFlight()
@@ -459,6 +493,8 @@ class BudgetGuard:
             left_to_drain=self._stats.left_to_drain,
             drained=self._stats.drained,
             overdue_resets=self._stats.overdue_resets,
+            holds=self._stats.holds,
+            releases=self._stats.releases,
         )
 
     def key(self, scope: str, entity_id: EntityId) -> str:
@@ -492,19 +528,64 @@ class BudgetGuard:
             spends: dict[str, float] = dict(zip(budgeted, values, strict=True))
         except StoreError as exc:
             spends = await self._on_outage(budgeted, exc)
-        over = [
-            (key, Overage(item.scope, item.id, spends[key], item.max_budget))
-            for key, item in zip(keys, items, strict=True)
-            if item.max_budget is not None and key in spends and spends[key] >= item.max_budget
-        ]
-        if over:
-            first_key, first = over[0]
-            self._refuse(first.scope)
-            raise BudgetExceededError([overage for _, overage in over], key=first_key)
-        return [
-            spends.get(key) if item.max_budget is not None else None
-            for key, item in zip(keys, items, strict=True)
-        ]
+        return self._decide(keys, items, spends)
+
+    async def reserve(
+        self, request_id: str, entities: Iterable[EntityLike], estimate: float
+    ) -> Reservation:
+        """Check the request and hold ``estimate`` against every budgeted entity, atomically
+        (one script for all its counters): refused, holding nothing, if any entity's spend
+        plus the holds in flight plus ``estimate`` reaches its budget.
+
+        Missing counters are rebuilt (once fleet-wide) first. When the counter store fails,
+        the outage policy decides as for :meth:`check` (the read-through counts ``estimate``
+        but holds nothing). Raises :class:`BudgetExceededError`. A ``request_id`` reserved
+        again replaces its own hold.
+        """
+        items = tuple(as_entity(item) for item in entities)
+        keys = [self._key(item) for item in items]
+        hold = spend_id(request_id)
+        amount = check_amount(estimate, request_id)
+        if amount < 0:
+            raise InvalidValueError(f"estimate of {request_id!r} must be >= 0, got {estimate!r}")
+        self._stats.checks += 1
+        budgeted = {
+            key: item for key, item in zip(keys, items, strict=True) if item.max_budget is not None
+        }
+        if not budgeted:
+            return Reservation(request_id, items, amount, (None,) * len(items), ())
+        try:
+            spends = await self._hold(budgeted, hold, amount)
+        except StoreError as exc:
+            spends = await self._on_outage(budgeted, exc)
+            values = self._decide(keys, items, spends, estimate=amount)
+            return Reservation(request_id, items, amount, tuple(values), ())
+        self._stats.holds += 1
+        values = [spends[key] if key in budgeted else None for key in keys]
+        return Reservation(request_id, items, amount, tuple(values), tuple(budgeted))
+
+    async def settle(self, reservation: Reservation, cost: float) -> SpendRecord:
+        """Record the request's actual ``cost`` (:meth:`record`, once per request id), then
+        end its hold. If recording fails it raises and the hold stays until it expires (the
+        cost is not counted, the estimate still is); a failed release is only logged."""
+        recorded = await self.record(reservation.request_id, reservation.entities, cost)
+        try:
+            await self.release(reservation)
+        except StoreError as exc:
+            log.warning("hold of %s not released (it expires): %s", reservation.request_id, exc)
+        return recorded
+
+    async def release(self, reservation: Reservation) -> int:
+        """End the reservation's hold without recording a cost (the call failed); how many
+        counters it was held on. Raises :class:`~coordinator.errors.StoreError`."""
+        if not reservation.held_keys:
+            return 0
+        ended = await self._store.release(
+            list(reservation.held_keys), spend_id(reservation.request_id)
+        )
+        if ended:
+            self._stats.releases += 1
+        return ended
 
     async def current_spend(self, scope: str, entity_id: EntityId) -> float:
         """The entity's spend, from its counter (rebuilt from the source if missing)."""
@@ -625,6 +706,129 @@ class BudgetGuard:
         await self._ledger().reset_spend(scope, entity_id, on_locked=counter)
 
     # -- internals -----------------------------------------------------------------------
+
+    def _decide(
+        self,
+        keys: list[str],
+        items: Sequence[Entity],
+        spends: dict[str, float],
+        *,
+        estimate: float = 0.0,
+    ) -> list[float | None]:
+        """Each entity's spend, or raise for those whose spend + ``estimate`` reaches the
+        budget (entities absent from ``spends`` were not read: allowed)."""
+        over = [
+            (key, Overage(item.scope, item.id, spends[key], item.max_budget, estimate=estimate))
+            for key, item in zip(keys, items, strict=True)
+            if item.max_budget is not None
+            and key in spends
+            and spends[key] + estimate >= item.max_budget
+        ]
+        if over:
+            raise self._refusal(over)
+        return [
+            spends.get(key) if item.max_budget is not None else None
+            for key, item in zip(keys, items, strict=True)
+        ]
+
+    def _refusal(self, over: Sequence[tuple[str, Overage]]) -> BudgetExceededError:
+        first_key, first = over[0]
+        self._refuse(first.scope)
+        return BudgetExceededError([overage for _, overage in over], key=first_key)
+
+    async def _hold(
+        self, budgeted: dict[str, Entity], hold: str, amount: float
+    ) -> dict[str, float]:
+        """Hold ``amount`` on every counter of ``budgeted``, rebuilding missing ones first;
+        their spends, or raise :class:`BudgetExceededError`.
+
+        One script per slot group (one for all on a single server): each group holds or
+        refuses atomically; when one group does not hold, the holds the others took are
+        ended before anything is decided, so a request never keeps a partial hold."""
+        keys = list(budgeted)
+        budgets = [item.max_budget or 0.0 for item in budgeted.values()]
+        groups = slot_groups(self._coordinator.store, keys)
+        # A rebuilt counter can vanish again (reset, expiry) before the next attempt.
+        for _ in range(_HOLD_ATTEMPTS):
+            outcomes = await asyncio.gather(
+                *(
+                    self._store.reserve(
+                        [keys[i] for i in group],
+                        hold,
+                        amount,
+                        [budgets[i] for i in group],
+                        self._hold_ttl,
+                    )
+                    for group in groups
+                ),
+                return_exceptions=True,
+            )
+            results = list(zip(groups, outcomes, strict=True))
+            held = [
+                group
+                for group, outcome in results
+                if isinstance(outcome, ReserveOutcome) and outcome.result == "held"
+            ]
+            if len(held) == len(groups):
+                return {
+                    keys[i]: spend
+                    for group, outcome in results
+                    if isinstance(outcome, ReserveOutcome)
+                    for i, spend in zip(group, outcome.spends, strict=True)
+                }
+            if held:
+                await self._end_partial([keys[i] for group in held for i in group], hold)
+            failure = next((o for o in outcomes if isinstance(o, BaseException)), None)
+            if failure is not None:
+                raise failure  # a store failure goes to the outage policy
+            decided = [
+                (group, outcome)
+                for group, outcome in results
+                if isinstance(outcome, ReserveOutcome)
+            ]
+            over = sorted(
+                (group[j], outcome, j)
+                for group, outcome in decided
+                if outcome.result == "over"
+                for j in outcome.indices
+            )
+            if over:
+                raise self._refusal(
+                    [
+                        (
+                            keys[i],
+                            Overage(
+                                budgeted[keys[i]].scope,
+                                budgeted[keys[i]].id,
+                                outcome.spends[j],
+                                budgets[i],
+                                outcome.held[j],
+                                amount,
+                            ),
+                        )
+                        for i, outcome, j in over
+                    ]
+                )
+            missing = [
+                keys[group[j]]
+                for group, outcome in decided
+                if outcome.result == "missing"
+                for j in outcome.indices
+            ]
+            await self._coordinator.get_many(
+                [(key, self._loader(budgeted[key])) for key in missing]
+            )
+        raise BudgetUnavailableError(
+            f"counters kept vanishing while reserving for {hold!r}",
+            policy=self.outage_policy,
+            key=keys[0],
+        )
+
+    async def _end_partial(self, keys: list[str], hold: str) -> None:
+        try:
+            await self._store.release(keys, hold)
+        except StoreError as exc:
+            log.warning("partial hold %s not ended (it expires): %s", hold, exc)
 
     def _ledger(self) -> LedgerSource:
         if not isinstance(self._source, LedgerSource):
@@ -754,6 +958,9 @@ class BudgetGuard:
             self._observer.on_refusal(scope)
 
 
+_HOLD_ATTEMPTS = 3
+
+
 def _settled(outcome: object) -> bool:
     """Whether an apply of an outbox row leaves nothing to do (applied, a duplicate, no
     counter, or settled by a reset)."""
@@ -786,6 +993,7 @@ __all__ = [
     "OutagePolicy",
     "OutboxRow",
     "Overage",
+    "Reservation",
     "Scope",
     "SpendRecord",
     "SpendSource",

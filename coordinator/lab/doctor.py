@@ -18,6 +18,7 @@ from ..budget.guard import SCOPES
 from ..clients import redact
 from ..coordinator import ReseedCoordinator
 from ..errors import SourceError
+from ..integrations.litellm_tables import LITELLM_BATCH_QUERIES
 from .cliargs import (
     CommandError,
     describe,
@@ -82,6 +83,12 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
             "the scopes given are checked. Default: the shipped schema (budget_entity, "
             "team_member), every scope."
         ),
+    )
+    parser.add_argument(
+        "--litellm-schema",
+        action="store_true",
+        help="read LiteLLM's own spend tables (LiteLLM_VerificationToken, LiteLLM_TeamTable, "
+        "...) instead of the shipped schema; --query still replaces a scope's query",
     )
     parser.add_argument(
         "--tolerance",
@@ -176,7 +183,7 @@ async def _examine_and_fix(args: argparse.Namespace, store: Redis, db: Any) -> i
         store,
         db,
         namespace=args.namespace,
-        queries=dict(args.query) if args.query else None,
+        queries=_queries(args),
         tolerance=args.tolerance,
         batch=args.batch,
         idempotency_window=float(args.idempotency_window),
@@ -204,6 +211,12 @@ async def _examine_and_fix(args: argparse.Namespace, store: Redis, db: Any) -> i
         print_json(report.as_dict())
     unresolved = [f for f in report.flagged if f.fixed is None]
     return 1 if unresolved else 0
+
+
+def _queries(args: argparse.Namespace) -> dict[str, str] | None:
+    if args.litellm_schema:
+        return {**LITELLM_BATCH_QUERIES, **dict(args.query)}
+    return dict(args.query) if args.query else None
 
 
 def _confirm(count: int) -> bool:
