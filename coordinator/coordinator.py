@@ -561,7 +561,7 @@ class ReseedCoordinator:
 
     async def _load(self, key: str, loader: Loader, deadline: Deadline) -> float:
         """One loader call, bounded by ``deadline``. Keeps 5 (a hung loader times out),
-        6 (any loader failure is a ``LoaderError`` to every waiter) and 7 (a non-finite,
+        6 (any loader failure is a ``LoaderError`` to every waiter) and 8 (a non-finite,
         negative or non-numeric value is refused before anything is written)."""
         if deadline.remaining() <= 0:
             raise ReseedTimeoutError(f"no time left to load {key!r}", key=key)
