@@ -18,10 +18,11 @@ from coordinator.budget.spend_source import PostgresSpendSource
 from coordinator.clients import _AskingOnSameConnection
 from coordinator.errors import InvalidKeyError, ReseedError, StoreError
 from coordinator.keys import applied_key, fence_key, same_slot_prefix, seed_channel
+from coordinator.lab.chaos import run_table
 from coordinator.lab.embedded import EmbeddedServers
 from coordinator.lab.embedded.cluster import EmbeddedCluster
 from coordinator.lab.race import run_race
-from coordinator.lab.servers import Servers
+from coordinator.lab.servers import Deployment, Servers
 
 # -- the key rule (no server) -------------------------------------------------------------
 
@@ -88,6 +89,18 @@ def test_race_of_eight_pods_reads_the_db_once(
     urls = Servers(cluster.url, tuple(s.url for s in servers.redis[1:4]), servers.postgres.dsn)
     result = run_race("coordinated", urls, pods=8, callers=8, db_value=100.0)
     assert (result.db_reads, result.final_counter, result.errors) == (1, 100.0, 0)
+
+
+def test_chaos_rows_that_need_a_single_store_are_skipped_on_a_cluster(
+    cluster: EmbeddedCluster, servers: EmbeddedServers
+) -> None:
+    assert servers.postgres is not None
+    locks = tuple(s.url for s in servers.redis[1:4])
+    env = Deployment(Servers(cluster.url, locks, servers.postgres.dsn), cluster=cluster)
+    rows = run_table(env, ["store-restarted", "store-reply-lost"])
+    assert [(row.status, row.observed) for row in rows] == [
+        ("skip", "needs a single store: the counter store is a Redis Cluster")
+    ] * 2
 
 
 # -- budget checks and records across nodes -----------------------------------------------

@@ -111,6 +111,15 @@ def add_server_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_cluster_flag(parser: argparse.ArgumentParser) -> None:
+    """--cluster: the embedded counter store is a Redis Cluster."""
+    parser.add_argument(
+        "--cluster",
+        action="store_true",
+        help="an embedded Redis Cluster (3 masters, 3 replicas) as the counter store",
+    )
+
+
 def print_json(document: Any) -> None:
     # pottery replaces json.dumps' default encoder on import: name the standard one.
     print(json.dumps(document, indent=2, cls=json.JSONEncoder))

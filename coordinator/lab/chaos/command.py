@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..cliargs import add_server_flags, print_json
+from ..cliargs import add_cluster_flag, add_server_flags, print_json
 from ..servers import started_servers
 from .table import SCENARIOS, format_rows, run_table
 
@@ -30,12 +30,13 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help=f"run only this fault (repeatable): {', '.join(SCENARIOS)}",
     )
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
+    add_cluster_flag(parser)
     add_server_flags(parser)
     parser.set_defaults(run=_chaos)
 
 
 def _chaos(args: argparse.Namespace) -> int:
-    with started_servers(args.redis_url, args.lock_url, args.pg_dsn) as env:
+    with started_servers(args.redis_url, args.lock_url, args.pg_dsn, cluster=args.cluster) as env:
         rows = run_table(env, args.only)
     if args.json:
         print_json([row.as_dict() for row in rows])
