@@ -4,6 +4,7 @@ module): the same guarantees as on one server, no CROSSSLOT anywhere."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -11,13 +12,15 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 from redis.crc import key_slot
+from test_doctor import COUNTERS, FLAGGED, ROWS, TO_FIX, insert_rows, seed_counters, shipped_schema
 
 from coordinator import ReseedCoordinator
-from coordinator.budget import BudgetGuard
+from coordinator.budget import BudgetGuard, spend_key
 from coordinator.budget.spend_source import PostgresSpendSource
 from coordinator.clients import _AskingOnSameConnection
 from coordinator.errors import InvalidKeyError, ReseedError, StoreError
 from coordinator.keys import applied_key, fence_key, same_slot_prefix, seed_channel
+from coordinator.lab import cli
 from coordinator.lab.chaos import run_table
 from coordinator.lab.embedded import EmbeddedServers
 from coordinator.lab.embedded.cluster import EmbeddedCluster
@@ -101,6 +104,46 @@ def test_chaos_rows_that_need_a_single_store_are_skipped_on_a_cluster(
     assert [(row.status, row.observed) for row in rows] == [
         ("skip", "needs a single store: the counter store is a Redis Cluster")
     ] * 2
+
+
+# -- the doctor ---------------------------------------------------------------------------
+
+
+async def test_doctor_scans_and_fixes_the_counters_of_every_master(
+    coordinators: list[ReseedCoordinator],
+    cluster: EmbeddedCluster,
+    servers: EmbeddedServers,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("RESEED_LOCK_URLS", raising=False)
+    store = coordinators[0].store
+    await store.initialize()  # type: ignore[union-attr]
+    await seed_counters(store)
+    masters = {cluster.master_of(spend_key(*entity)).port for entity in COUNTERS}
+    assert len(masters) == 3
+    locks = [arg for s in servers.redis[1:4] for arg in ("--lock-url", s.url)]
+    async with shipped_schema(servers) as dsn:
+        await insert_rows(dsn)
+        args = ["doctor", "--redis-url", cluster.url, "--pg-dsn", dsn]
+        refused = await asyncio.to_thread(cli.main, [*args, "--fix", "--yes"])
+        assert "--lock-url" in capsys.readouterr().err
+        args += locks
+        code = await asyncio.to_thread(cli.main, [*args, "--fix", "--yes", "--json"])
+        document = json.loads(capsys.readouterr().out)
+        after = await asyncio.to_thread(cli.main, [*args, "--json"])
+
+    assert refused == 2
+    assert code == 1  # the counter without a DB row stays flagged
+    assert {row["key"]: row["status"] for row in document["counters"]} == FLAGGED
+    assert document["summary"]["scanned"] == len(COUNTERS)
+    for entity in TO_FIX:
+        assert float(await store.get(spend_key(*entity)) or "nan") == ROWS[entity]
+    assert after == 1
+    remaining = json.loads(capsys.readouterr().out)["counters"]
+    assert [(row["key"], row["status"]) for row in remaining] == [
+        (spend_key("user", "orphan"), "missing_row")
+    ]
 
 
 # -- budget checks and records across nodes -----------------------------------------------
