@@ -187,7 +187,7 @@ class ReseedCoordinator:
                 )
             lock_masters = [store]
         self._store = CounterStore(store, fence_ttl=fence_ttl)
-        self._signals = SeedSignals(store, enabled=wake_on_seed)
+        self._signals = SeedSignals(self._store, enabled=wake_on_seed)
         self._locks = LeaseManager(
             lock_masters,
             duration=lease,

@@ -94,7 +94,8 @@ return {token, redis.call('GET', KEYS[1])}
 """
 
 # Fenced SET NX: write only if the counter is absent and our token is still the newest;
-# announce a write on the counter's channel so that waiting losers wake at once.
+# announce a write on the counter's channel so that waiting losers wake at once (ARGV[5]
+# 'sharded': with SPUBLISH, which stays on the counter's shard of a cluster).
 _SEED = """
 local current = redis.call('GET', KEYS[1])
 if current then return {'present', current} end
@@ -107,7 +108,7 @@ if ttl > 0 then
 else
   redis.call('SET', KEYS[1], ARGV[1])
 end
-redis.call('PUBLISH', ARGV[4], ARGV[1])
+redis.call(ARGV[5] == 'sharded' and 'SPUBLISH' or 'PUBLISH', ARGV[4], ARGV[1])
 return {'won', ARGV[1]}
 """
 
@@ -137,7 +138,7 @@ return generation
 
 
 # The fenced seed of a Snapshot: _SEED, then, only if it wrote the value, the markers of the
-# spends that value includes (KEYS[3..], ARGV[5] their expiry in ms). Atomic with the write,
+# spends that value includes (KEYS[3..], ARGV[6] their expiry in ms). Atomic with the write,
 # so no apply of those spends can slip between them; a seed that finds the counter present
 # or is fenced writes no marker, since its value is not the one counted.
 _SEED_APPLIED = (
@@ -145,7 +146,7 @@ _SEED_APPLIED = (
     + _SEED
     + """end)()
 if outcome[1] == 'won' then
-  for i = 3, #KEYS do redis.call('SET', KEYS[i], '1', 'PX', ARGV[5]) end
+  for i = 3, #KEYS do redis.call('SET', KEYS[i], '1', 'PX', ARGV[6]) end
 end
 return outcome
 """
@@ -218,6 +219,9 @@ class CounterStore:
         # commands and can tear itself down under them: the first command reads it alone.
         self._unmapped = isinstance(client, RedisCluster)
         self._mapping = asyncio.Lock()
+        #: Whether seeds are announced with sharded pub/sub (SPUBLISH): on a cluster of
+        #: Redis/Valkey >= 7, known once the slot map is read.
+        self.sharded = False
         self._fence_ttl = ms_text(fence_ttl)
         self._probe = client.register_script(_PROBE)
         self._token = client.register_script(_TOKEN)
@@ -265,7 +269,8 @@ class CounterStore:
         """Fenced SET NX of ``value`` under ``token``; a :class:`~coordinator.values.Snapshot`
         marks the spends it includes applied in the same script."""
         keys = [key, fence_key(key)]
-        args = [format_value(value), str(token), ms_text(ttl), seed_channel(key)]
+        publish = "sharded" if self.sharded else "plain"
+        args = [format_value(value), str(token), ms_text(ttl), seed_channel(key), publish]
         script = self._seed
         if isinstance(value, Snapshot) and value.applied:
             script = self._seed_applied
@@ -353,11 +358,13 @@ class CounterStore:
                 f"counter store failed on {key!r}: {type(exc).__name__}: {exc}", key=key
             ) from exc
 
-
     async def _map_slots(self, cluster: RedisCluster) -> None:
         async with self._mapping:
             if self._unmapped:
                 await cluster.initialize()
+                info = await cluster.info("server")
+                # Valkey reports the Redis version it is compatible with (7.2 for 8.x).
+                self.sharded = int(str(info["redis_version"]).split(".")[0]) >= 7
                 self._unmapped = False
 
 

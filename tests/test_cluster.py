@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -26,6 +27,7 @@ from coordinator.lab.embedded import EmbeddedServers
 from coordinator.lab.embedded.cluster import EmbeddedCluster
 from coordinator.lab.race import run_race
 from coordinator.lab.servers import Deployment, Servers
+from coordinator.wakeup import Watch
 
 # -- the key rule (no server) -------------------------------------------------------------
 
@@ -144,6 +146,74 @@ async def test_doctor_scans_and_fixes_the_counters_of_every_master(
     assert [(row["key"], row["status"]) for row in remaining] == [
         (spend_key("user", "orphan"), "missing_row")
     ]
+
+
+# -- seed wake-ups ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sharded", [True, False], ids=["cluster-spublish", "one-server"])
+async def test_a_waiting_loser_is_woken_by_the_seed_announcement(
+    sharded: bool,
+    cluster: EmbeddedCluster,
+    servers: EmbeddedServers,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    cluster.wait_ok()
+    key = f"woken:{uuid.uuid4().hex[:8]}"
+    channel = seed_channel(key)
+    url, server = (
+        (cluster.url, cluster.master_of(key))
+        if sharded
+        else (servers.redis[0].url, servers.redis[0])
+    )
+    count = ("PUBSUB", "SHARDNUMSUB") if sharded else ("PUBSUB", "NUMSUB")
+    watches: list[Watch] = []
+    made = Watch.__init__
+
+    def recording(self: Watch, *args: Any) -> None:
+        made(self, *args)
+        watches.append(self)
+
+    monkeypatch.setattr(Watch, "__init__", recording)
+    # Backoffs of up to 30 s: the loser learns of the seed from the announcement, not a poll.
+    pods = [
+        ReseedCoordinator.from_urls(
+            url,
+            lock_urls=[s.url for s in servers.redis[1:4]],
+            backoff_initial=30.0,
+            backoff_max=30.0,
+            wait=120.0,
+        )
+        for _ in range(2)
+    ]
+    release, loading = asyncio.Event(), asyncio.Event()
+    loads: list[int] = []
+
+    async def load() -> float:
+        loads.append(1)
+        loading.set()
+        await release.wait()
+        return 100.0
+
+    try:
+        winner = asyncio.create_task(pods[0].get(key, load))
+        await loading.wait()
+        loser = asyncio.create_task(pods[1].get(key, load))
+        listener = Redis(host=server.host, port=server.port)
+        for _ in range(3000):  # until the loser subscribed, on the counter's own master
+            if (await listener.execute_command(*count, channel))[1] == 1:
+                break
+            await asyncio.sleep(0.01)
+        await listener.aclose()
+        release.set()
+        assert await asyncio.gather(winner, loser) == [100.0, 100.0]
+    finally:
+        for pod in pods:
+            await pod.aclose()
+
+    assert pods[0]._store.sharded is sharded
+    assert len(loads) == 1
+    assert [watch.seeded for watch in watches if watch.subscribed] == [b"100.0"]
 
 
 # -- budget checks and records across nodes -----------------------------------------------
