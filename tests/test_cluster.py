@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -19,7 +20,7 @@ from coordinator import ReseedCoordinator
 from coordinator.budget import BudgetGuard, spend_key
 from coordinator.budget.spend_source import PostgresSpendSource
 from coordinator.clients import _AskingOnSameConnection
-from coordinator.errors import InvalidKeyError, ReseedError, StoreError
+from coordinator.errors import ConfigurationError, InvalidKeyError, ReseedError, StoreError
 from coordinator.keys import applied_key, fence_key, same_slot_prefix, seed_channel
 from coordinator.lab import cli
 from coordinator.lab.chaos import run_table
@@ -214,6 +215,57 @@ async def test_a_waiting_loser_is_woken_by_the_seed_announcement(
     assert pods[0]._store.sharded is sharded
     assert len(loads) == 1
     assert [watch.seeded for watch in watches if watch.subscribed] == [b"100.0"]
+
+
+# -- WAIT for replicas -------------------------------------------------------------------
+
+
+async def test_writes_no_replica_acknowledged_are_logged_not_raised(
+    servers: EmbeddedServers, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="coordinator.store")
+    coordinator = ReseedCoordinator.from_urls(
+        servers.redis[0].url, replicas=1, replica_timeout=0.01
+    )  # one server: no replica ever acknowledges
+    key = f"unreplicated:{uuid.uuid4().hex[:8]}"
+    try:
+        assert await coordinator.get(key, _constant(10.0)) == 10.0
+        assert await coordinator.increment(key, 1.0) == 11.0  # applied once, not raised
+        assert await coordinator.get(key, _constant(-1.0)) == 11.0
+    finally:
+        await coordinator.aclose()
+    warned = [r for r in caplog.records if getattr(r, "outcome", None) == "under_replicated"]
+    assert coordinator._store.under_replicated == 2  # the seed, the add
+    assert [r.levelname for r in warned] == ["WARNING", "DEBUG"]  # once until acked again
+
+
+async def test_writes_wait_for_the_replica_of_their_own_master(
+    coordinators: list[ReseedCoordinator], cluster: EmbeddedCluster, servers: EmbeddedServers
+) -> None:
+    waiting = ReseedCoordinator.from_urls(
+        cluster.url,
+        lock_urls=[s.url for s in servers.redis[1:4]],
+        replicas=1,
+        replica_timeout=5.0,
+    )
+    keys = [f"replicated:{n}" for n in range(6)]
+    assert len({cluster.master_of(key).port for key in keys}) == 3
+    try:
+        for key in keys:
+            assert await waiting.get(key, _constant(1.0)) == 1.0
+        adds = await asyncio.gather(*(waiting.increment(key, 1.0) for key in keys * 4))
+    finally:
+        await waiting.aclose()
+    assert sorted(adds) == sorted([2.0, 3.0, 4.0, 5.0] * len(keys))
+    assert waiting._store.under_replicated == 0
+
+
+@pytest.mark.parametrize(
+    "options", [{"replicas": -1}, {"replicas": True}, {"replica_timeout": 0}]
+)
+def test_bad_replica_options_are_refused(options: dict[str, Any]) -> None:
+    with pytest.raises(ConfigurationError, match="replica"):
+        ReseedCoordinator(Redis(), **options)
 
 
 # -- budget checks and records across nodes -----------------------------------------------

@@ -125,7 +125,8 @@ class EmbeddedCluster(Lifecycle):
         return self.node_at(self.slot_owner(slot))
 
     def wait_ok(self, timeout: float = _FORM_TIMEOUT) -> None:
-        """Until every running node reports ``cluster_state:ok`` and the same slot owners."""
+        """Until every running node reports ``cluster_state:ok`` and the same slot owners,
+        and every running replica is in sync with its master."""
         running = [node for node in self.nodes if node.running]
 
         def agreed() -> bool:
@@ -133,6 +134,9 @@ class EmbeddedCluster(Lifecycle):
             for node in running:
                 info = _text(self._ask(node, "CLUSTER", "INFO"))
                 if "cluster_state:ok" not in info:
+                    return False
+                replication = self._ask(node, "INFO", "replication")
+                if replication.get("role") == "slave" and not _linked(replication):
                     return False
                 slots = self._ask(node, "CLUSTER", "SLOTS")
                 maps.add(tuple(sorted((s, e, _text(m[0]), int(m[1])) for s, e, m, *_ in slots)))
