@@ -19,11 +19,11 @@ from test_doctor import COUNTERS, FLAGGED, ROWS, TO_FIX, insert_rows, seed_count
 from coordinator import ReseedCoordinator
 from coordinator.budget import BudgetGuard, spend_key
 from coordinator.budget.spend_source import PostgresSpendSource
-from coordinator.clients import _AskingOnSameConnection
+from coordinator.clients import _AskingOnSameConnection, cluster_client
 from coordinator.errors import ConfigurationError, InvalidKeyError, ReseedError, StoreError
 from coordinator.keys import applied_key, fence_key, same_slot_prefix, seed_channel
 from coordinator.lab import cli
-from coordinator.lab.chaos import run_table
+from coordinator.lab.chaos import TcpProxy, run_table
 from coordinator.lab.embedded import EmbeddedServers
 from coordinator.lab.embedded.cluster import EmbeddedCluster
 from coordinator.lab.race import run_race
@@ -353,6 +353,35 @@ async def test_a_timed_out_increment_is_applied_once(
         await coordinator.aclose()
 
 
+async def test_an_increment_whose_reply_is_dropped_is_applied_once(
+    cluster: EmbeddedCluster, servers: EmbeddedServers
+) -> None:
+    cluster.wait_ok()
+    key = f"dropped:{uuid.uuid4().hex[:8]}"
+    master = cluster.master_of(key)
+    locks = [Redis.from_url(s.url) for s in servers.redis[1:4]]
+    with TcpProxy(master.host, master.port) as proxy:
+        # Cluster nodes announce their own addresses: the client is told to reach the
+        # counter's master through the proxy instead.
+        store = cluster_client(cluster.url, timeout=2.0)
+        address, proxied = (master.host, master.port), ("127.0.0.1", proxy.port)
+        store.nodes_manager.address_remap = lambda at: proxied if at == address else at
+        coordinator = ReseedCoordinator(store, lock_masters=locks)
+        try:
+            assert await coordinator.get(key, _constant(10.0)) == 10.0
+            assert await coordinator.increment(key, 1.0) == 11.0  # the script is loaded
+            proxy.drop_replies(1, to=b"EVALSHA")
+            with pytest.raises(StoreError):
+                await coordinator.increment(key, 1.0)
+            assert proxy.dropped == 1
+            # Ran once by the master, whose reply never came back; never resent.
+            assert await coordinator.get(key, _constant(-1.0)) == 12.0
+        finally:
+            await coordinator.aclose()
+            for client in (store, *locks):
+                await client.aclose()
+
+
 def _constant(value: float) -> Any:
     async def load() -> float:
         return value
@@ -484,3 +513,46 @@ async def test_failover_mid_traffic_gives_values_or_typed_errors_and_no_inflatio
     finally:
         master.start()  # rejoins as a replica of the promoted one
         await asyncio.to_thread(cluster.wait_ok)
+
+
+async def test_with_wait_a_promoted_replica_lacks_only_writes_reported_unreplicated(
+    cluster: EmbeddedCluster, servers: EmbeddedServers
+) -> None:
+    cluster.wait_ok()
+    key = f"lagging:{uuid.uuid4().hex[:8]}"
+    pods = [
+        ReseedCoordinator.from_urls(
+            cluster.url, lock_urls=[s.url for s in servers.redis[1:4]], replicas=1
+        )
+        for _ in range(2)
+    ]
+    try:
+        assert await pods[0].get(key, _constant(100.0)) == 100.0
+        master = cluster.master_of(key)
+        replica = cluster.replica_of(master)
+        traffic = Traffic(pods, key, _constant(100.0), per_pod=2)
+        await asyncio.sleep(0.2)
+        replica.pause()
+        # The link is cut: what the master applies from now on never reaches the replica.
+        cluster._ask(master, "CLIENT", "KILL", "TYPE", "replica")
+        await asyncio.sleep(0.3)
+        master.kill()
+        await traffic.finish()
+        replica.resume()
+        try:
+            assert await asyncio.to_thread(cluster.wait_replaced, master) is replica
+            promoted = Redis(host=replica.host, port=replica.port)
+            raw = await promoted.get(key)
+            await promoted.aclose()
+        finally:
+            master.start()
+            await asyncio.to_thread(cluster.wait_ok)
+    finally:
+        for pod in pods:
+            await pod.aclose()
+
+    reported = sum(pod._store.under_replicated for pod in pods)
+    assert raw is not None  # the seed was acknowledged by the replica
+    lost = 100.0 + sum(traffic.added) - float(raw)
+    assert reported >= 1  # writes went on while the replica was cut off
+    assert lost <= reported  # every acknowledged write it lacks was reported
