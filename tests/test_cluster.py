@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -23,7 +22,7 @@ from coordinator.clients import _AskingOnSameConnection, cluster_client
 from coordinator.errors import ConfigurationError, InvalidKeyError, ReseedError, StoreError
 from coordinator.keys import applied_key, fence_key, same_slot_prefix, seed_channel
 from coordinator.lab import cli
-from coordinator.lab.chaos import TcpProxy, run_table
+from coordinator.lab.chaos import Lab, TcpProxy, run_table
 from coordinator.lab.embedded import EmbeddedServers
 from coordinator.lab.embedded.cluster import EmbeddedCluster
 from coordinator.lab.race import run_race
@@ -423,26 +422,6 @@ class Traffic:
 # -- the counter's slot migrated mid-traffic ---------------------------------------------
 
 
-def _migrate(cluster: EmbeddedCluster, key: str, hold: float) -> None:
-    """Move ``key``'s slot (the counter and its companions) to another master, leaving it
-    half-migrated for ``hold`` seconds, so traffic meets ASK redirects."""
-    slot = key_slot(key.encode())
-    source = cluster.master_of(key)
-    target = next(
-        node for node in cluster.nodes[:3] if node is not source and node.running
-    )  # a master from the start, untouched by this module's other tests
-    source_id, target_id = cluster.node_id(source), cluster.node_id(target)
-    ask = cluster._ask
-    ask(target, "CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
-    ask(source, "CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
-    keys = ask(source, "CLUSTER", "GETKEYSINSLOT", slot, 100)
-    assert len(keys) >= 2  # the counter and its fence hash
-    ask(source, "MIGRATE", target.host, target.port, "", 0, 5000, "KEYS", *keys)
-    time.sleep(hold)
-    for node in (target, source):
-        ask(node, "CLUSTER", "SETSLOT", slot, "NODE", target_id)
-
-
 async def test_a_slot_migrated_mid_traffic_keeps_an_exact_sum(
     coordinators: list[ReseedCoordinator],
     cluster: EmbeddedCluster,
@@ -464,7 +443,7 @@ async def test_a_slot_migrated_mid_traffic_keeps_an_exact_sum(
     traffic = Traffic(coordinators, key, _constant(-1.0), per_pod=4)
     await asyncio.sleep(0.2)
     source = cluster.master_of(key)
-    await asyncio.to_thread(_migrate, cluster, key, 0.3)
+    await asyncio.to_thread(cluster.migrate, key, 0.3)
     await asyncio.sleep(0.2)
     await traffic.finish()
 
@@ -556,3 +535,19 @@ async def test_with_wait_a_promoted_replica_lacks_only_writes_reported_unreplica
     lost = 100.0 + sum(traffic.added) - float(raw)
     assert reported >= 1  # writes went on while the replica was cut off
     assert lost <= reported  # every acknowledged write it lacks was reported
+
+
+def test_chaos_cluster_rows_pass_on_the_embedded_cluster(
+    cluster: EmbeddedCluster, servers: EmbeddedServers
+) -> None:
+    assert servers.postgres is not None
+    locks = tuple(s.url for s in servers.redis[1:4])
+    env = Deployment(Servers(cluster.url, locks, servers.postgres.dsn), cluster=cluster)
+    with Lab(env) as lab:
+        rows = [lab.run(name) for name in ("cluster-slot-migrated", "cluster-master-killed")]
+    for row in rows:
+        assert (row.status, row.failures) == ("pass", [])
+    migrated, killed = (row.facts for row in rows)
+    assert migrated["final"] == 100.0 + migrated["adds"]
+    assert killed["errors"] >= 1
+    assert 0 <= killed["lost"] <= killed["adds"]

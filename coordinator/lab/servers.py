@@ -34,8 +34,9 @@ from .embedded import (
 from .embedded.cluster import EmbeddedCluster
 
 #: A server a fault needs a handle on: the counter store, the lock masters, PostgreSQL; or
-#: a counter store that is one server (a proxy in front of it sees all its traffic).
-Need = Literal["store", "masters", "postgres", "single-store"]
+#: a counter store that is one server (a proxy in front of it sees all its traffic), or the
+#: embedded Redis Cluster.
+Need = Literal["store", "masters", "postgres", "single-store", "cluster"]
 
 
 class ServersError(CommandError):
@@ -82,6 +83,8 @@ class Deployment:
             return self.store is not None
         if need == "single-store":
             return not is_cluster_url(self.servers.redis_url)
+        if need == "cluster":
+            return self.cluster is not None
         if need == "masters":
             return len(self.masters) >= 3
         return self.postgres is not None and not self.postgres.external
@@ -90,6 +93,8 @@ class Deployment:
         """Why faults into ``needs`` (not :meth:`controls`) cannot be injected."""
         if "single-store" in needs or ("store" in needs and self.cluster is not None):
             return "needs a single store: the counter store is a Redis Cluster"
+        if "cluster" in needs:
+            return "needs the embedded Redis Cluster (--cluster)"
         return f"needs embedded servers ({', '.join(needs)}): URLs were given"
 
     def restore(self) -> None:
@@ -101,6 +106,13 @@ class Deployment:
                 server.start()
         if self.postgres is not None and not self.postgres.external:
             self.postgres.start()
+        if self.cluster is not None:
+            for node in self.cluster.nodes:
+                if node.running:
+                    node.resume()
+                else:
+                    node.start()  # rejoins as a replica of the master promoted in its place
+            self.cluster.wait_ok()
 
     def client(self, url: str | None = None) -> Redis | RedisCluster:
         """A client on ``url``, by default the counter store."""
