@@ -256,7 +256,7 @@ class ReseedCoordinator:
     @property
     def stats(self) -> Stats:
         """A snapshot of this coordinator's counters."""
-        return replace(self._stats)
+        return replace(self._stats, under_replicated=self._store.under_replicated)
 
     async def get(self, key: str, loader: Loader, *, wait: float | None = None) -> float:
         """The counter at ``key``, rebuilt from ``loader`` if it is missing."""

@@ -22,7 +22,7 @@ from coordinator.clients import _AskingOnSameConnection, cluster_client
 from coordinator.errors import ConfigurationError, InvalidKeyError, ReseedError, StoreError
 from coordinator.keys import applied_key, fence_key, same_slot_prefix, seed_channel
 from coordinator.lab import cli
-from coordinator.lab.chaos import Lab, TcpProxy, run_table
+from coordinator.lab.chaos import SCENARIOS, Lab, TcpProxy, run_table
 from coordinator.lab.embedded import EmbeddedServers
 from coordinator.lab.embedded.cluster import EmbeddedCluster
 from coordinator.lab.race import run_race
@@ -513,7 +513,7 @@ async def test_with_wait_a_promoted_replica_lacks_only_writes_reported_unreplica
         await asyncio.sleep(0.2)
         replica.pause()
         # The link is cut: what the master applies from now on never reaches the replica.
-        cluster._ask(master, "CLIENT", "KILL", "TYPE", "replica")
+        cluster.cut_replicas(master)
         await asyncio.sleep(0.3)
         master.kill()
         await traffic.finish()
@@ -530,7 +530,7 @@ async def test_with_wait_a_promoted_replica_lacks_only_writes_reported_unreplica
         for pod in pods:
             await pod.aclose()
 
-    reported = sum(pod._store.under_replicated for pod in pods)
+    reported = sum(pod.stats.under_replicated for pod in pods)
     assert raw is not None  # the seed was acknowledged by the replica
     lost = 100.0 + sum(traffic.added) - float(raw)
     assert reported >= 1  # writes went on while the replica was cut off
@@ -543,11 +543,15 @@ def test_chaos_cluster_rows_pass_on_the_embedded_cluster(
     assert servers.postgres is not None
     locks = tuple(s.url for s in servers.redis[1:4])
     env = Deployment(Servers(cluster.url, locks, servers.postgres.dsn), cluster=cluster)
+    names = [name for name in SCENARIOS if name.startswith("cluster-")]
     with Lab(env) as lab:
-        rows = [lab.run(name) for name in ("cluster-slot-migrated", "cluster-master-killed")]
-    for row in rows:
-        assert (row.status, row.failures) == ("pass", [])
-    migrated, killed = (row.facts for row in rows)
+        rows = [lab.run(name) for name in names]
+    assert [(row.name, row.status, row.failures) for row in rows] == [
+        (name, "pass", []) for name in names
+    ]
+    migrated, killed, cut, waited = (row.facts for row in rows)
     assert migrated["final"] == 100.0 + migrated["adds"]
     assert killed["errors"] >= 1
     assert 0 <= killed["lost"] <= killed["adds"]
+    assert (cut["lost"] >= 1, cut["reported"]) == (True, 0)  # lost silently
+    assert 0 <= waited["lost"] <= waited["reported"]  # every loss was reported

@@ -136,6 +136,11 @@ class EmbeddedCluster(Lifecycle):
             self._ask(node, "CLUSTER", "SETSLOT", slot, "NODE", target_id)
         return target
 
+    def cut_replicas(self, master: RedisServer) -> None:
+        """Close ``master``'s replication links: what it applies from now on reaches no
+        replica until they reconnect."""
+        self._ask(master, "CLIENT", "KILL", "TYPE", "replica")
+
     def wait_replaced(self, master: RedisServer, timeout: float = _FORM_TIMEOUT) -> RedisServer:
         """After ``master`` died: until a replica serves its slots and the cluster is ok;
         the promoted replica."""
