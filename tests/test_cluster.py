@@ -96,13 +96,19 @@ def test_race_of_eight_pods_reads_the_db_once(
     assert (result.db_reads, result.final_counter, result.errors) == (1, 100.0, 0)
 
 
-def test_chaos_rows_that_need_a_single_store_are_skipped_on_a_cluster(
-    cluster: EmbeddedCluster, servers: EmbeddedServers
-) -> None:
+@pytest.fixture
+def deployment(cluster: EmbeddedCluster, servers: EmbeddedServers) -> Deployment:
+    """The lab's view of the cluster (the chaos table's), with the session's lock masters
+    and PostgreSQL."""
     assert servers.postgres is not None
     locks = tuple(s.url for s in servers.redis[1:4])
-    env = Deployment(Servers(cluster.url, locks, servers.postgres.dsn), cluster=cluster)
-    rows = run_table(env, ["store-restarted", "store-reply-lost"])
+    return Deployment(Servers(cluster.url, locks, servers.postgres.dsn), cluster=cluster)
+
+
+def test_chaos_rows_that_need_a_single_store_are_skipped_on_a_cluster(
+    deployment: Deployment,
+) -> None:
+    rows = run_table(deployment, ["store-restarted", "store-reply-lost"])
     assert [(row.status, row.observed) for row in rows] == [
         ("skip", "needs a single store: the counter store is a Redis Cluster")
     ] * 2
@@ -537,14 +543,9 @@ async def test_with_wait_a_promoted_replica_lacks_only_writes_reported_unreplica
     assert lost <= reported  # every acknowledged write it lacks was reported
 
 
-def test_chaos_cluster_rows_pass_on_the_embedded_cluster(
-    cluster: EmbeddedCluster, servers: EmbeddedServers
-) -> None:
-    assert servers.postgres is not None
-    locks = tuple(s.url for s in servers.redis[1:4])
-    env = Deployment(Servers(cluster.url, locks, servers.postgres.dsn), cluster=cluster)
+def test_chaos_cluster_rows_pass_on_the_embedded_cluster(deployment: Deployment) -> None:
     names = [name for name in SCENARIOS if name.startswith("cluster-")]
-    with Lab(env) as lab:
+    with Lab(deployment) as lab:
         rows = [lab.run(name) for name in names]
     assert [(row.name, row.status, row.failures) for row in rows] == [
         (name, "pass", []) for name in names

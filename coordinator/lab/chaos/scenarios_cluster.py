@@ -7,19 +7,51 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Sequence
+from typing import Any
 
+from ..embedded.cluster import EmbeddedCluster
 from ..table import number
+from .fleet import Ticket
 from .messages import Report
 from .reports import errors, loads, outcomes, stat, values
 from .table import Run, scenario
 
 _WAIT = 5.0
+_DB_VALUE = 100.0
 
 
-def _ceiling(reports: Sequence[Report], db_value: float) -> float:
+def _traffic(
+    run: Run, duration: float, **options: Any
+) -> tuple[str, EmbeddedCluster, list[Ticket]]:
+    """Four pods reading and adding 1 to a warm counter for ``duration`` seconds, 1 s in:
+    the key, the cluster, the tickets to finish."""
+    key = run.key(_DB_VALUE)
+    profile = run.profile(wait=_WAIT, **options)
+    pods = run.pods(4, profile)
+    run.fleet.finish([run.fleet.start(pods[0], run.work(profile, key))])
+    cluster = run.env.cluster
+    assert cluster is not None  # the scenarios need ("cluster",)
+    traffic = run.work(profile, key, ops=("get", "add"), callers=4, duration=duration, pace=0.005)
+    tickets = run.fleet.start_together(pods, traffic)
+    time.sleep(1.0)
+    return key, cluster, tickets
+
+
+def _finished(
+    run: Run, key: str, tickets: Sequence[Ticket]
+) -> tuple[list[Report], float | None, list[float], list[str]]:
+    """The traffic judged: every call a value or a StoreError in time, never above
+    :func:`_ceiling`; the reports, the final counter, the adds' values and the errors."""
+    reports = run.fleet.finish(tickets)
+    run.judge(reports, ceiling=_ceiling(reports), deadline=_WAIT, allowed={"StoreError"})
+    run.tally(reports)
+    return reports, run.env.counter(key), values(reports, "add"), errors(reports)
+
+
+def _ceiling(reports: Sequence[Report]) -> float:
     """The most the counter may hold: the DB value, the adds acknowledged, and the adds that
     raised (a ``StoreError`` on an add means its outcome is unknown)."""
-    return db_value + sum(1 for o in outcomes(reports, "add") if o.value is not None or o.error)
+    return _DB_VALUE + sum(1 for o in outcomes(reports, "add") if o.value is not None or o.error)
 
 
 @scenario(
@@ -31,35 +63,22 @@ def _ceiling(reports: Sequence[Report], db_value: float) -> float:
     needs=("cluster",),
 )
 def _slot_migrated(run: Run) -> None:
-    db_value = 100.0
-    key = run.key(db_value)
-    profile = run.profile(wait=_WAIT)
-    pods = run.pods(4, profile)
-    run.fleet.finish([run.fleet.start(pods[0], run.work(profile, key))])
-    traffic = run.work(profile, key, ops=("get", "add"), callers=4, duration=2.5, pace=0.005)
-    tickets = run.fleet.start_together(pods, traffic)
-    time.sleep(1.0)
-    cluster = run.env.cluster
-    assert cluster is not None
+    key, cluster, tickets = _traffic(run, 2.5)
     source = cluster.master_of(key)
     target = cluster.migrate(key, hold=0.3)
-    reports = run.fleet.finish(tickets)
-    final = run.env.counter(key)
-    adds, failed = values(reports, "add"), errors(reports)
+    reports, final, adds, failed = _finished(run, key, tickets)
     crossslot = [error for error in failed if "CROSSSLOT" in error]
-    run.judge(reports, ceiling=_ceiling(reports, db_value), deadline=_WAIT, allowed={"StoreError"})
     run.check(target is not source, "the slot did not move")
     run.check(not crossslot, f"{len(crossslot)} CROSSSLOT errors")
     run.check(
-        final == db_value + len(adds),
-        f"counter {final}, not {number(db_value)} + {len(adds)} adds acknowledged",
+        final == _DB_VALUE + len(adds),
+        f"counter {final}, not {number(_DB_VALUE)} + {len(adds)} adds acknowledged",
     )
     run.check(loads(reports) == 0, f"{loads(reports)} rebuilds of a counter that never vanished")
-    run.tally(reports)
     run.row.facts.update(final=final, adds=len(adds), errors=len(failed))
     run.observe(
         f"slot moved {source.port} -> {target.port}: {len(adds)} adds, {len(failed)} refused; "
-        f"counter {number(final)} = {number(db_value)} + {len(adds)}"
+        f"counter {number(final)} = {number(_DB_VALUE)} + {len(adds)}"
     )
 
 
@@ -71,72 +90,45 @@ def _slot_migrated(run: Run) -> None:
     needs=("cluster",),
 )
 def _master_killed(run: Run) -> None:
-    db_value = 100.0
-    key = run.key(db_value)
-    profile = run.profile(wait=_WAIT)
-    pods = run.pods(4, profile)
-    run.fleet.finish([run.fleet.start(pods[0], run.work(profile, key))])
-    cluster = run.env.cluster
-    assert cluster is not None
+    key, cluster, tickets = _traffic(run, 6.0)
     master = cluster.master_of(key)
     replica = cluster.replica_of(master)
-    traffic = run.work(profile, key, ops=("get", "add"), callers=4, duration=6.0, pace=0.005)
-    tickets = run.fleet.start_together(pods, traffic)
-    time.sleep(1.0)
     master.kill()
     promoted = cluster.wait_replaced(master)
-    reports = run.fleet.finish(tickets)
-    final = run.env.counter(key)
-    adds, failed = values(reports, "add"), errors(reports)
-    gets = values(reports, "get")
-    run.judge(reports, ceiling=_ceiling(reports, db_value), deadline=_WAIT, allowed={"StoreError"})
+    reports, final, adds, failed = _finished(run, key, tickets)
     run.check(promoted is replica, f"{promoted!r} took over, not the replica {replica!r}")
     run.check(bool(failed), "no call failed while the master was down")
     run.check(
-        final is not None and db_value <= final <= _ceiling(reports, db_value),
-        f"counter {final} outside {number(db_value)}..{number(_ceiling(reports, db_value))}",
+        final is not None and _DB_VALUE <= final <= _ceiling(reports),
+        f"counter {final} outside {number(_DB_VALUE)}..{number(_ceiling(reports))}",
     )
     run.check(loads(reports) <= 1, f"{loads(reports)} rebuilds, at most 1 expected")
-    run.tally(reports)
-    lost = None if final is None else db_value + len(adds) - final
+    lost = None if final is None else _DB_VALUE + len(adds) - final
     run.row.facts.update(final=final, adds=len(adds), errors=len(failed), lost=lost)
     run.observe(
-        f"{len(failed)} StoreErrors during the failover, {len(gets)} reads; counter "
-        f"{number(final)}, {number(lost)} acknowledged adds lost by the promoted replica"
+        f"{len(failed)} StoreErrors during the failover, {len(values(reports, 'get'))} reads; "
+        f"counter {number(final)}, {number(lost)} acknowledged adds lost by the promoted replica"
     )
 
 
 def _replica_cut_off(run: Run, replicas: int) -> None:
-    db_value = 100.0
-    key = run.key(db_value)
-    profile = run.profile(wait=_WAIT, replicas=replicas)
-    pods = run.pods(4, profile)
-    run.fleet.finish([run.fleet.start(pods[0], run.work(profile, key))])
-    cluster = run.env.cluster
-    assert cluster is not None
+    key, cluster, tickets = _traffic(run, 5.0, replicas=replicas)
     master = cluster.master_of(key)
     replica = cluster.replica_of(master)
-    traffic = run.work(profile, key, ops=("get", "add"), callers=4, duration=5.0, pace=0.005)
-    tickets = run.fleet.start_together(pods, traffic)
-    time.sleep(1.0)
     replica.pause()
     cluster.cut_replicas(master)
     time.sleep(0.3)
     master.kill()
     replica.resume()
     promoted = cluster.wait_replaced(master)
-    reports = run.fleet.finish(tickets)
-    final = run.env.counter(key)
-    adds, failed = values(reports, "add"), errors(reports)
+    reports, final, adds, failed = _finished(run, key, tickets)
     reported = stat(reports, "under_replicated")
-    run.judge(reports, ceiling=_ceiling(reports, db_value), deadline=_WAIT, allowed={"StoreError"})
     run.check(promoted is replica, f"{promoted!r} took over, not the replica {replica!r}")
-    lost = db_value + len(adds) - (final or 0.0)
+    lost = _DB_VALUE + len(adds) - (final or 0.0)
     if replicas:
         run.check(lost <= reported, f"{lost:g} adds lost, only {reported} reported unreplicated")
     else:
         run.check(lost >= 1, "the replica cut off lost nothing: the fault did not take")
-    run.tally(reports)
     run.row.facts.update(
         final=final, adds=len(adds), errors=len(failed), lost=lost, reported=reported
     )
