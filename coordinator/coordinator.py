@@ -137,6 +137,10 @@ class ReseedCoordinator:
     extensions, None: as long as the loader runs, which its deadline bounds), ``wait`` the
     default deadline of a call. ``wake_on_seed`` ends losers' backoff the moment the winner
     seeds (pub/sub); without it they notice at their next backoff re-read.
+    ``replicas`` > 0 follows every seed and increment with ``WAIT replicas`` (up to
+    ``replica_timeout`` seconds) so that a failover loses fewer acknowledged writes; a write
+    not acknowledged in time is logged, never raised (it is applied: a resend would count
+    it twice).
     ``on_timeout="load"`` makes a call whose deadline passed read the loader directly
     (bounded by another ``wait``) and return that without writing.
     """
@@ -156,6 +160,8 @@ class ReseedCoordinator:
         fence_ttl: float | None = 86400.0,
         observer: Observer | None = None,
         wake_on_seed: bool = True,
+        replicas: int = 0,
+        replica_timeout: float = 0.1,
     ) -> None:
         positive_seconds("lease", lease)
         positive_seconds("wait", wait)
@@ -186,8 +192,10 @@ class ReseedCoordinator:
                     "a Redis Cluster counter store needs lock_masters (independent servers)"
                 )
             lock_masters = [store]
-        self._store = CounterStore(store, fence_ttl=fence_ttl)
-        self._signals = SeedSignals(store, enabled=wake_on_seed)
+        self._store = CounterStore(
+            store, fence_ttl=fence_ttl, replicas=replicas, replica_timeout=replica_timeout
+        )
+        self._signals = SeedSignals(self._store, enabled=wake_on_seed)
         self._locks = LeaseManager(
             lock_masters,
             duration=lease,
@@ -248,7 +256,7 @@ class ReseedCoordinator:
     @property
     def stats(self) -> Stats:
         """A snapshot of this coordinator's counters."""
-        return replace(self._stats)
+        return replace(self._stats, under_replicated=self._store.under_replicated)
 
     async def get(self, key: str, loader: Loader, *, wait: float | None = None) -> float:
         """The counter at ``key``, rebuilt from ``loader`` if it is missing."""

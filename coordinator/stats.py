@@ -22,6 +22,7 @@ class Stats:
     timeouts: int = 0  # calls whose deadline passed
     fallback_reads: int = 0  # direct loader reads of the on_timeout="load" fallback
     store_errors: int = 0
+    under_replicated: int = 0  # writes no replica acknowledged in time (``replicas`` > 0)
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)

@@ -21,20 +21,31 @@ reads a source that includes the spend too.
 from __future__ import annotations
 
 import asyncio
+import logging
+import math
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, cast
 
 from redis.asyncio import Redis, RedisCluster
+from redis.commands.core import AsyncScript
 from redis.crc import key_slot
 from redis.exceptions import ClusterDownError, RedisError, ResponseError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from .errors import CorruptCounterError, InvalidValueError, StoreError, WrongTypeError
+from .errors import (
+    ConfigurationError,
+    CorruptCounterError,
+    InvalidValueError,
+    StoreError,
+    WrongTypeError,
+)
 from .keys import applied_key, fence_key, holds_key, seed_channel
 from .values import Snapshot, format_value, ms_text, parse_stored
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 #: What else redis-py lets escape when a connection breaks under a command (besides its
 #: ``RedisError``): raw socket errors, asyncio timeouts, and the ``RuntimeError`` /
@@ -54,6 +65,8 @@ _RESEND_IDEMPOTENT: tuple[type[Exception], ...] = (
     ClusterDownError,
     TryAgainError,
 )
+# Failures after which a cluster's slot map may be stale (a master died or was replaced).
+_REMAP: tuple[type[Exception], ...] = (RedisConnectionError, RedisTimeoutError, ClusterDownError)
 
 # Creates the fence hash if missing and refreshes its expiry. Shared by every script below.
 _ENSURE_FENCE = """
@@ -95,7 +108,8 @@ return {token, redis.call('GET', KEYS[1])}
 """
 
 # Fenced SET NX: write only if the counter is absent and our token is still the newest;
-# announce a write on the counter's channel so that waiting losers wake at once.
+# announce a write on the counter's channel so that waiting losers wake at once (ARGV[5]
+# 'sharded': with SPUBLISH, which stays on the counter's shard of a cluster).
 _SEED = """
 local current = redis.call('GET', KEYS[1])
 if current then return {'present', current} end
@@ -108,7 +122,7 @@ if ttl > 0 then
 else
   redis.call('SET', KEYS[1], ARGV[1])
 end
-redis.call('PUBLISH', ARGV[4], ARGV[1])
+redis.call(ARGV[5] == 'sharded' and 'SPUBLISH' or 'PUBLISH', ARGV[4], ARGV[1])
 return {'won', ARGV[1]}
 """
 
@@ -141,7 +155,7 @@ return generation
 
 
 # The fenced seed of a Snapshot: _SEED, then, only if it wrote the value, the markers of the
-# spends that value includes (KEYS[3..], ARGV[5] their expiry in ms). Atomic with the write,
+# spends that value includes (KEYS[3..], ARGV[6] their expiry in ms). Atomic with the write,
 # so no apply of those spends can slip between them; a seed that finds the counter present
 # or is fenced writes no marker, since its value is not the one counted.
 _SEED_APPLIED = (
@@ -149,7 +163,7 @@ _SEED_APPLIED = (
     + _SEED
     + """end)()
 if outcome[1] == 'won' then
-  for i = 3, #KEYS do redis.call('SET', KEYS[i], '1', 'PX', ARGV[5]) end
+  for i = 3, #KEYS do redis.call('SET', KEYS[i], '1', 'PX', ARGV[6]) end
 end
 return outcome
 """
@@ -297,13 +311,33 @@ class CounterStore:
     :func:`coordinator.keys.same_slot_prefix`)."""
 
     def __init__(
-        self, client: Redis | RedisCluster, *, fence_ttl: float | None = 86400.0
+        self,
+        client: Redis | RedisCluster,
+        *,
+        fence_ttl: float | None = 86400.0,
+        replicas: int = 0,
+        replica_timeout: float = 0.1,
     ) -> None:
+        if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 0:
+            raise ConfigurationError(f"replicas must be an int >= 0, got {replicas!r}")
+        if not isinstance(replica_timeout, (int, float)) or not 0 < replica_timeout < math.inf:
+            raise ConfigurationError(
+                f"replica_timeout must be a positive number of seconds, got {replica_timeout!r}"
+            )
         self.client = client
+        self._replicas = replicas
+        self._replica_timeout_ms = max(1, round(replica_timeout * 1000))
         # A cluster client used from many tasks before it has read the slot map misroutes
         # commands and can tear itself down under them: the first command reads it alone.
         self._unmapped = isinstance(client, RedisCluster)
+        self._mapped_once = False
         self._mapping = asyncio.Lock()
+        #: Writes (seeds, increments, applies) the replicas did not acknowledge in time.
+        self.under_replicated = 0
+        self._under = False
+        #: Whether seeds are announced with sharded pub/sub (SPUBLISH): on a cluster of
+        #: Redis/Valkey >= 7, known once the slot map is read.
+        self.sharded = False
         self._fence_ttl = ms_text(fence_ttl)
         self._probe = client.register_script(_PROBE)
         self._token = client.register_script(_TOKEN)
@@ -353,7 +387,8 @@ class CounterStore:
         """Fenced SET NX of ``value`` under ``token``; a :class:`~coordinator.values.Snapshot`
         marks the spends it includes applied in the same script."""
         keys = [key, fence_key(key)]
-        args = [format_value(value), str(token), ms_text(ttl), seed_channel(key)]
+        publish = "sharded" if self.sharded else "plain"
+        args = [format_value(value), str(token), ms_text(ttl), seed_channel(key), publish]
         script = self._seed
         if isinstance(value, Snapshot) and value.applied:
             script = self._seed_applied
@@ -361,7 +396,7 @@ class CounterStore:
             args.append(ms_text(value.applied_ttl))
         result, raw, *rest = await self._call(
             key,
-            lambda: script(keys=keys, args=args),
+            lambda: self._write(key, script, keys, args, lambda reply: _text(reply[0]) == "won"),
             idempotent=True,  # a replay finds its own write "present", or is fenced again
         )
         kind = _text(result)
@@ -373,8 +408,9 @@ class CounterStore:
 
     async def increment(self, key: str, amount: float, ttl: float | None) -> float | None:
         """INCRBYFLOAT if (and only if) the counter exists; its new value, else None."""
+        args = [format_value(amount), ms_text(ttl)]
         raw = await self._call(
-            key, lambda: self._increment(keys=[key], args=[format_value(amount), ms_text(ttl)])
+            key, lambda: self._write(key, self._increment, [key], args, _wrote_value)
         )
         return None if raw is None else parse_stored(raw, key)
 
@@ -390,11 +426,12 @@ class CounterStore:
         """Add spend ``spend_id`` to the counter unless it is counted already (see
         ``_APPLY``; ``marker_ttl``: how long the spend is remembered)."""
         marker = applied_key(key, spend_id)
+        keys = [key, fence_key(key), marker]
+        args = [format_value(amount), ms_text(ttl), ms_text(marker_ttl), on_missing]
         kind, raw = await self._call(
             key,
-            lambda: self._apply(
-                keys=[key, fence_key(key), marker],
-                args=[format_value(amount), ms_text(ttl), ms_text(marker_ttl), on_missing],
+            lambda: self._write(
+                key, self._apply, keys, args, lambda reply: _text(reply[0]) == "applied"
             ),
             idempotent=True,  # the marker makes a replay a duplicate
         )
@@ -450,6 +487,66 @@ class CounterStore:
         )
         return int(raw)
 
+    async def _write(
+        self,
+        key: str,
+        script: AsyncScript,
+        keys: list[str],
+        args: list[str],
+        wrote: Callable[[Any], bool],
+    ) -> Any:
+        """``script``'s reply; with ``replicas``, followed by ``WAIT`` on the same connection
+        (WAIT counts the replicas that have the connection's own writes), pipelined.
+
+        A write the replicas did not acknowledge in time is logged, not raised: it is
+        applied on the master, and an error would invite the caller to resend it (which
+        would count an increment twice). ``wrote``: whether the reply says it wrote.
+        """
+        if not self._replicas:
+            return await script(keys=keys, args=args)
+        pipe = self.client.pipeline(transaction=False)
+        # EVAL, not EVALSHA: a pipeline cannot load a script a new master has never seen.
+        source = cast(str, script.script)  # every script here is registered from a str
+        pipe.eval(source, len(keys), *keys, *args)
+        wait = ("WAIT", self._replicas, self._replica_timeout_ms)
+        if isinstance(self.client, RedisCluster):
+            # Not every master (WAIT's default route): the one the script ran on.
+            pipe.execute_command(*wait, target_nodes=self.client.get_node_from_key(key))
+        else:
+            pipe.execute_command(*wait)
+        try:
+            reply, acknowledged = await pipe.execute()
+        except _REMAP:
+            # redis-py re-reads the slot map after a failed command, not after a failed
+            # pipeline: without this, every write would go to a dead master forever.
+            self._unmapped = isinstance(self.client, RedisCluster)
+            raise
+        if wrote(reply):
+            self._replicated(key, int(acknowledged))
+        return reply
+
+    def _replicated(self, key: str, acknowledged: int) -> None:
+        if acknowledged >= self._replicas:
+            if self._under:
+                self._under = False
+                log.info("replicas acknowledge writes again", extra={"outcome": "replicated"})
+            return
+        self.under_replicated += 1
+        # Once until writes are acknowledged again: a master left without its replica
+        # (after a failover) would otherwise log every write.
+        level = logging.DEBUG if self._under else logging.WARNING
+        self._under = True
+        log.log(
+            level,
+            "write to %r acknowledged by %s of %s replicas within %s ms: a failover now may "
+            "lose it",
+            key,
+            acknowledged,
+            self._replicas,
+            self._replica_timeout_ms,
+            extra={"outcome": "under_replicated", "key": key},
+        )
+
     async def _script(self, script: Any, key: str, *, idempotent: bool = False) -> Any:
         return await self._call(
             key,
@@ -484,12 +581,21 @@ class CounterStore:
                 f"counter store failed on {key!r}: {type(exc).__name__}: {exc}", key=key
             ) from exc
 
-
     async def _map_slots(self, cluster: RedisCluster) -> None:
         async with self._mapping:
             if self._unmapped:
+                if self._mapped_once:
+                    await cluster.nodes_manager.initialize()
                 await cluster.initialize()
+                self._mapped_once = True
+                info = await cluster.info("server")
+                # Valkey reports the Redis version it is compatible with (7.2 for 8.x).
+                self.sharded = int(str(info["redis_version"]).split(".")[0]) >= 7
                 self._unmapped = False
+
+
+def _wrote_value(reply: Any) -> bool:
+    return reply is not None
 
 
 def _translate(exc: ResponseError, key: str) -> Exception:

@@ -3,14 +3,19 @@
 Losers back off between re-reads of the key (tenacity, random exponential). Left alone,
 that backoff decides how long after the seed they notice it. The seed script PUBLISHes on
 the counter's channel when it writes, and a loser's backoff sleep ends early when that
-message arrives. One pub/sub connection per coordinator carries every channel it waits on.
+message arrives. One pub/sub connection per server carries every channel a coordinator
+waits on there.
 
-On a Redis Cluster the seed script's PUBLISH reaches every node over the cluster bus, so
-the pub/sub connection goes to one node (the first startup node) and hears every seed; if
-that node is down, losers poll.
+On a Redis Cluster of Redis/Valkey >= 7 the seed script uses sharded pub/sub (SPUBLISH):
+the message stays on the counter's shard (the channel is in the counter's slot), and the
+coordinator SSUBSCRIBEs on the master serving that slot, one connection per master it
+waits on. On an older cluster the seed script's PUBLISH reaches every node over the
+cluster bus, so the pub/sub connection goes to one node (the first startup node) and
+hears every seed; if that node is down, losers poll.
 
-Pub/sub is an accelerator only: a message lost to a reconnect, or sent before the loser's
-SUBSCRIBE reached the server, costs at most one backoff interval, never correctness.
+Pub/sub is an accelerator only: a message lost to a reconnect, a failover or a slot
+migration, or sent before the loser's SUBSCRIBE reached the server, costs at most one
+backoff interval, never correctness.
 """
 
 from __future__ import annotations
@@ -19,15 +24,20 @@ import asyncio
 import contextlib
 import logging
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
+from typing import TYPE_CHECKING, Any
 
-from redis.asyncio import ConnectionPool, Redis, RedisCluster
+from redis.asyncio import ConnectionPool, RedisCluster
 from redis.asyncio.client import PubSub
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
 
 from .keys import seed_channel
+
+if TYPE_CHECKING:
+    from .store import CounterStore
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +52,7 @@ class Watch:
         self.event = asyncio.Event()
         self.seeded: bytes | None = None
         self.subscribed = False
+        self.via: _Subscriber | None = None  # the connection it waits on, once subscribed
 
     async def sleep(self, seconds: float) -> None:
         if self._signals is None:
@@ -59,18 +70,12 @@ class Watch:
         self.event.clear()
 
 
-def _pubsub_pool(client: Redis | RedisCluster) -> ConnectionPool:
-    """A pool with ``client``'s settings (for a cluster: its first startup node's) whose
-    connections redis-py never reconnects on its own: with no supported errors its retry
-    layer skips the failure callback that reconnects (it runs even with zero retries), so
-    only :class:`SeedSignals` reconnects."""
-    connection_class: type[AbstractConnection]
-    if isinstance(client, RedisCluster):
-        node = next(iter(client.nodes_manager.startup_nodes.values()))
-        kwargs, connection_class = node.connection_kwargs, node.connection_class
-    else:
-        kwargs = client.connection_pool.connection_kwargs
-        connection_class = client.connection_pool.connection_class
+def _pubsub_pool(
+    kwargs: dict[str, Any], connection_class: type[AbstractConnection]
+) -> ConnectionPool:
+    """A pool with a client's settings whose connections redis-py never reconnects on its
+    own: with no supported errors its retry layer skips the failure callback that
+    reconnects (it runs even with zero retries), so only :class:`_Subscriber` reconnects."""
     settings = {
         **kwargs,
         "retry": Retry(NoBackoff(), 0, supported_errors=()),
@@ -81,7 +86,71 @@ def _pubsub_pool(client: Redis | RedisCluster) -> ConnectionPool:
 
 
 class SeedSignals:
-    """The coordinator's one PubSub connection, carrying every channel its flights wait on.
+    """A coordinator's wake-up connections: one to its store (one to the first startup node
+    of a cluster without sharded pub/sub), or one per cluster master whose counters it
+    waits on (sharded pub/sub)."""
+
+    def __init__(self, store: CounterStore, *, enabled: bool = True) -> None:
+        self._store = store
+        self._enabled = enabled
+        self._subscribers: dict[str, _Subscriber] = {}
+
+    @contextlib.asynccontextmanager
+    async def watch(self, key: str) -> AsyncIterator[Watch]:
+        """Announcements of ``key``'s seed for one flight (plain backoff when disabled)."""
+        watch = Watch(self if self._enabled else None, seed_channel(key).encode())
+        try:
+            yield watch
+        finally:
+            if watch.via is not None:
+                await watch.via.remove(watch)
+
+    async def add(self, watch: Watch) -> None:
+        """Subscribe ``watch`` on the server its channel is published on; if that cannot be
+        told (a cluster slot not served), it polls."""
+        via = self._subscriber(watch.channel)
+        if via is not None:
+            watch.via = via
+            await via.add(watch)
+
+    async def aclose(self) -> None:
+        for subscriber in self._subscribers.values():
+            await subscriber.aclose()
+        self._subscribers.clear()
+
+    def _subscriber(self, channel: bytes) -> _Subscriber | None:
+        client = self._store.client
+        connection_class: type[AbstractConnection]
+        if not isinstance(client, RedisCluster):
+            name, sharded = "", False
+            kwargs = client.connection_pool.connection_kwargs
+            connection_class = client.connection_pool.connection_class
+        else:
+            sharded = self._store.sharded
+            try:
+                node = (
+                    # The master serving the channel's slot now (the store read the map).
+                    client.nodes_manager.get_node_from_slot(client.keyslot(channel))
+                    if sharded
+                    else next(iter(client.nodes_manager.startup_nodes.values()))
+                )
+            except RedisError:
+                return None
+            name, kwargs, connection_class = (
+                node.name,
+                node.connection_kwargs,
+                node.connection_class,
+            )
+        subscriber = self._subscribers.get(name)
+        if subscriber is None:
+            pool = _pubsub_pool(kwargs, connection_class)
+            subscriber = self._subscribers[name] = _Subscriber(pool, sharded=sharded)
+        return subscriber
+
+
+class _Subscriber:
+    """One PubSub connection to one server, carrying every channel the coordinator's flights
+    wait on there (``sharded``: shard channels, SSUBSCRIBE).
 
     redis-py's PubSub is one connection shared by the reader task and the subscribers, and
     redis-py reconnects it from whichever coroutine hit an error (even with retries off).
@@ -97,25 +166,15 @@ class SeedSignals:
 
     retry_after = 0.1
 
-    def __init__(self, client: Redis | RedisCluster, *, enabled: bool = True) -> None:
-        self._pool = _pubsub_pool(client)
-        self._enabled = enabled
+    def __init__(self, pool: ConnectionPool, *, sharded: bool) -> None:
+        self._pool = pool
+        self._sharded = sharded
         self._pubsub: PubSub | None = None
         self._reader: asyncio.Task[None] | None = None
         self._waiters: dict[bytes, set[Watch]] = {}
         self._lock = asyncio.Lock()
         self._retry_at = -math.inf
         self._down = False
-
-    @contextlib.asynccontextmanager
-    async def watch(self, key: str) -> AsyncIterator[Watch]:
-        """Announcements of ``key``'s seed for one flight (plain backoff when disabled)."""
-        watch = Watch(self if self._enabled else None, seed_channel(key).encode())
-        try:
-            yield watch
-        finally:
-            if watch.subscribed:
-                await self._remove(watch)
 
     async def aclose(self) -> None:
         self._waiters.clear()
@@ -142,7 +201,7 @@ class SeedSignals:
             else:
                 channels = [channel]
             try:
-                await pubsub.subscribe(*channels)
+                await self._subscribe(pubsub, channels)
             except Exception as exc:
                 self._failed(exc)
                 await self._drop(pubsub)
@@ -152,7 +211,10 @@ class SeedSignals:
             if self._reader is None or self._reader.done():
                 self._reader = asyncio.get_running_loop().create_task(self._read(pubsub))
 
-    async def _remove(self, watch: Watch) -> None:
+    def _subscribe(self, pubsub: PubSub, channels: list[bytes]) -> Awaitable[Any]:
+        return (pubsub.ssubscribe if self._sharded else pubsub.subscribe)(*channels)
+
+    async def remove(self, watch: Watch) -> None:
         channel = watch.channel
         watches = self._waiters.get(channel)
         if watches is None:
@@ -166,7 +228,7 @@ class SeedSignals:
             if pubsub is None:
                 return
             try:
-                await pubsub.unsubscribe(channel)
+                await (pubsub.sunsubscribe if self._sharded else pubsub.unsubscribe)(channel)
             except Exception as exc:
                 self._failed(exc)
                 await self._drop(pubsub)
@@ -181,7 +243,7 @@ class SeedSignals:
                 async with self._lock:
                     await self._drop(pubsub)
                 return
-            if message is not None and message.get("type") == "message":
+            if message is not None and message.get("type") in ("message", "smessage"):
                 for watch in self._waiters.get(message["channel"], ()):
                     watch.seeded = message["data"]
                     watch.event.set()

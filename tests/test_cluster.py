@@ -4,24 +4,30 @@ module): the same guarantees as on one server, no CROSSSLOT anywhere."""
 from __future__ import annotations
 
 import asyncio
-import time
+import json
+import logging
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
 from redis.asyncio import Redis
 from redis.crc import key_slot
+from test_doctor import COUNTERS, FLAGGED, ROWS, TO_FIX, insert_rows, seed_counters, shipped_schema
 
 from coordinator import ReseedCoordinator
-from coordinator.budget import BudgetGuard
+from coordinator.budget import BudgetGuard, spend_key
 from coordinator.budget.spend_source import PostgresSpendSource
-from coordinator.clients import _AskingOnSameConnection
-from coordinator.errors import InvalidKeyError, ReseedError, StoreError
+from coordinator.clients import _AskingOnSameConnection, cluster_client
+from coordinator.errors import ConfigurationError, InvalidKeyError, ReseedError, StoreError
 from coordinator.keys import applied_key, fence_key, same_slot_prefix, seed_channel
+from coordinator.lab import cli
+from coordinator.lab.chaos import SCENARIOS, Lab, TcpProxy, run_table
 from coordinator.lab.embedded import EmbeddedServers
 from coordinator.lab.embedded.cluster import EmbeddedCluster
 from coordinator.lab.race import run_race
-from coordinator.lab.servers import Servers
+from coordinator.lab.servers import Deployment, Servers
+from coordinator.wakeup import Watch
 
 # -- the key rule (no server) -------------------------------------------------------------
 
@@ -88,6 +94,183 @@ def test_race_of_eight_pods_reads_the_db_once(
     urls = Servers(cluster.url, tuple(s.url for s in servers.redis[1:4]), servers.postgres.dsn)
     result = run_race("coordinated", urls, pods=8, callers=8, db_value=100.0)
     assert (result.db_reads, result.final_counter, result.errors) == (1, 100.0, 0)
+
+
+@pytest.fixture
+def deployment(cluster: EmbeddedCluster, servers: EmbeddedServers) -> Deployment:
+    """The lab's view of the cluster (the chaos table's), with the session's lock masters
+    and PostgreSQL."""
+    assert servers.postgres is not None
+    locks = tuple(s.url for s in servers.redis[1:4])
+    return Deployment(Servers(cluster.url, locks, servers.postgres.dsn), cluster=cluster)
+
+
+def test_chaos_rows_that_need_a_single_store_are_skipped_on_a_cluster(
+    deployment: Deployment,
+) -> None:
+    rows = run_table(deployment, ["store-restarted", "store-reply-lost"])
+    assert [(row.status, row.observed) for row in rows] == [
+        ("skip", "needs a single store: the counter store is a Redis Cluster")
+    ] * 2
+
+
+# -- the doctor ---------------------------------------------------------------------------
+
+
+async def test_doctor_scans_and_fixes_the_counters_of_every_master(
+    coordinators: list[ReseedCoordinator],
+    cluster: EmbeddedCluster,
+    servers: EmbeddedServers,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("RESEED_LOCK_URLS", raising=False)
+    store = coordinators[0].store
+    await store.initialize()  # type: ignore[union-attr]
+    await seed_counters(store)
+    masters = {cluster.master_of(spend_key(*entity)).port for entity in COUNTERS}
+    assert len(masters) == 3
+    locks = [arg for s in servers.redis[1:4] for arg in ("--lock-url", s.url)]
+    async with shipped_schema(servers) as dsn:
+        await insert_rows(dsn)
+        args = ["doctor", "--redis-url", cluster.url, "--pg-dsn", dsn]
+        refused = await asyncio.to_thread(cli.main, [*args, "--fix", "--yes"])
+        assert "--lock-url" in capsys.readouterr().err
+        args += locks
+        code = await asyncio.to_thread(cli.main, [*args, "--fix", "--yes", "--json"])
+        document = json.loads(capsys.readouterr().out)
+        after = await asyncio.to_thread(cli.main, [*args, "--json"])
+
+    assert refused == 2
+    assert code == 1  # the counter without a DB row stays flagged
+    assert {row["key"]: row["status"] for row in document["counters"]} == FLAGGED
+    assert document["summary"]["scanned"] == len(COUNTERS)
+    for entity in TO_FIX:
+        assert float(await store.get(spend_key(*entity)) or "nan") == ROWS[entity]
+    assert after == 1
+    remaining = json.loads(capsys.readouterr().out)["counters"]
+    assert [(row["key"], row["status"]) for row in remaining] == [
+        (spend_key("user", "orphan"), "missing_row")
+    ]
+
+
+# -- seed wake-ups ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sharded", [True, False], ids=["cluster-spublish", "one-server"])
+async def test_a_waiting_loser_is_woken_by_the_seed_announcement(
+    sharded: bool,
+    cluster: EmbeddedCluster,
+    servers: EmbeddedServers,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    cluster.wait_ok()
+    key = f"woken:{uuid.uuid4().hex[:8]}"
+    channel = seed_channel(key)
+    url, server = (
+        (cluster.url, cluster.master_of(key))
+        if sharded
+        else (servers.redis[0].url, servers.redis[0])
+    )
+    count = ("PUBSUB", "SHARDNUMSUB") if sharded else ("PUBSUB", "NUMSUB")
+    watches: list[Watch] = []
+    made = Watch.__init__
+
+    def recording(self: Watch, *args: Any) -> None:
+        made(self, *args)
+        watches.append(self)
+
+    monkeypatch.setattr(Watch, "__init__", recording)
+    # Backoffs of up to 30 s: the loser learns of the seed from the announcement, not a poll.
+    pods = [
+        ReseedCoordinator.from_urls(
+            url,
+            lock_urls=[s.url for s in servers.redis[1:4]],
+            backoff_initial=30.0,
+            backoff_max=30.0,
+            wait=120.0,
+        )
+        for _ in range(2)
+    ]
+    release, loading = asyncio.Event(), asyncio.Event()
+    loads: list[int] = []
+
+    async def load() -> float:
+        loads.append(1)
+        loading.set()
+        await release.wait()
+        return 100.0
+
+    try:
+        winner = asyncio.create_task(pods[0].get(key, load))
+        await loading.wait()
+        loser = asyncio.create_task(pods[1].get(key, load))
+        listener = Redis(host=server.host, port=server.port)
+        for _ in range(3000):  # until the loser subscribed, on the counter's own master
+            if (await listener.execute_command(*count, channel))[1] == 1:
+                break
+            await asyncio.sleep(0.01)
+        await listener.aclose()
+        release.set()
+        assert await asyncio.gather(winner, loser) == [100.0, 100.0]
+    finally:
+        for pod in pods:
+            await pod.aclose()
+
+    assert pods[0]._store.sharded is sharded
+    assert len(loads) == 1
+    assert [watch.seeded for watch in watches if watch.subscribed] == [b"100.0"]
+
+
+# -- WAIT for replicas -------------------------------------------------------------------
+
+
+async def test_writes_no_replica_acknowledged_are_logged_not_raised(
+    servers: EmbeddedServers, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="coordinator.store")
+    coordinator = ReseedCoordinator.from_urls(
+        servers.redis[0].url, replicas=1, replica_timeout=0.01
+    )  # one server: no replica ever acknowledges
+    key = f"unreplicated:{uuid.uuid4().hex[:8]}"
+    try:
+        assert await coordinator.get(key, _constant(10.0)) == 10.0
+        assert await coordinator.increment(key, 1.0) == 11.0  # applied once, not raised
+        assert await coordinator.get(key, _constant(-1.0)) == 11.0
+    finally:
+        await coordinator.aclose()
+    warned = [r for r in caplog.records if getattr(r, "outcome", None) == "under_replicated"]
+    assert coordinator._store.under_replicated == 2  # the seed, the add
+    assert [r.levelname for r in warned] == ["WARNING", "DEBUG"]  # once until acked again
+
+
+async def test_writes_wait_for_the_replica_of_their_own_master(
+    coordinators: list[ReseedCoordinator], cluster: EmbeddedCluster, servers: EmbeddedServers
+) -> None:
+    waiting = ReseedCoordinator.from_urls(
+        cluster.url,
+        lock_urls=[s.url for s in servers.redis[1:4]],
+        replicas=1,
+        replica_timeout=5.0,
+    )
+    keys = [f"replicated:{n}" for n in range(6)]
+    assert len({cluster.master_of(key).port for key in keys}) == 3
+    try:
+        for key in keys:
+            assert await waiting.get(key, _constant(1.0)) == 1.0
+        adds = await asyncio.gather(*(waiting.increment(key, 1.0) for key in keys * 4))
+    finally:
+        await waiting.aclose()
+    assert sorted(adds) == sorted([2.0, 3.0, 4.0, 5.0] * len(keys))
+    assert waiting._store.under_replicated == 0
+
+
+@pytest.mark.parametrize(
+    "options", [{"replicas": -1}, {"replicas": True}, {"replica_timeout": 0}]
+)
+def test_bad_replica_options_are_refused(options: dict[str, Any]) -> None:
+    with pytest.raises(ConfigurationError, match="replica"):
+        ReseedCoordinator(Redis(), **options)
 
 
 # -- budget checks and records across nodes -----------------------------------------------
@@ -175,6 +358,35 @@ async def test_a_timed_out_increment_is_applied_once(
         await coordinator.aclose()
 
 
+async def test_an_increment_whose_reply_is_dropped_is_applied_once(
+    cluster: EmbeddedCluster, servers: EmbeddedServers
+) -> None:
+    cluster.wait_ok()
+    key = f"dropped:{uuid.uuid4().hex[:8]}"
+    master = cluster.master_of(key)
+    locks = [Redis.from_url(s.url) for s in servers.redis[1:4]]
+    with TcpProxy(master.host, master.port) as proxy:
+        # Cluster nodes announce their own addresses: the client is told to reach the
+        # counter's master through the proxy instead.
+        store = cluster_client(cluster.url, timeout=2.0)
+        address, proxied = (master.host, master.port), ("127.0.0.1", proxy.port)
+        store.nodes_manager.address_remap = lambda at: proxied if at == address else at
+        coordinator = ReseedCoordinator(store, lock_masters=locks)
+        try:
+            assert await coordinator.get(key, _constant(10.0)) == 10.0
+            assert await coordinator.increment(key, 1.0) == 11.0  # the script is loaded
+            proxy.drop_replies(1, to=b"EVALSHA")
+            with pytest.raises(StoreError):
+                await coordinator.increment(key, 1.0)
+            assert proxy.dropped == 1
+            # Ran once by the master, whose reply never came back; never resent.
+            assert await coordinator.get(key, _constant(-1.0)) == 12.0
+        finally:
+            await coordinator.aclose()
+            for client in (store, *locks):
+                await client.aclose()
+
+
 def _constant(value: float) -> Any:
     async def load() -> float:
         return value
@@ -216,26 +428,6 @@ class Traffic:
 # -- the counter's slot migrated mid-traffic ---------------------------------------------
 
 
-def _migrate(cluster: EmbeddedCluster, key: str, hold: float) -> None:
-    """Move ``key``'s slot (the counter and its companions) to another master, leaving it
-    half-migrated for ``hold`` seconds, so traffic meets ASK redirects."""
-    slot = key_slot(key.encode())
-    source = cluster.master_of(key)
-    target = next(
-        node for node in cluster.nodes[:3] if node is not source and node.running
-    )  # a master from the start, untouched by this module's other tests
-    source_id, target_id = cluster.node_id(source), cluster.node_id(target)
-    ask = cluster._ask
-    ask(target, "CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
-    ask(source, "CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
-    keys = ask(source, "CLUSTER", "GETKEYSINSLOT", slot, 100)
-    assert len(keys) >= 2  # the counter and its fence hash
-    ask(source, "MIGRATE", target.host, target.port, "", 0, 5000, "KEYS", *keys)
-    time.sleep(hold)
-    for node in (target, source):
-        ask(node, "CLUSTER", "SETSLOT", slot, "NODE", target_id)
-
-
 async def test_a_slot_migrated_mid_traffic_keeps_an_exact_sum(
     coordinators: list[ReseedCoordinator],
     cluster: EmbeddedCluster,
@@ -257,7 +449,7 @@ async def test_a_slot_migrated_mid_traffic_keeps_an_exact_sum(
     traffic = Traffic(coordinators, key, _constant(-1.0), per_pod=4)
     await asyncio.sleep(0.2)
     source = cluster.master_of(key)
-    await asyncio.to_thread(_migrate, cluster, key, 0.3)
+    await asyncio.to_thread(cluster.migrate, key, 0.3)
     await asyncio.sleep(0.2)
     await traffic.finish()
 
@@ -306,3 +498,61 @@ async def test_failover_mid_traffic_gives_values_or_typed_errors_and_no_inflatio
     finally:
         master.start()  # rejoins as a replica of the promoted one
         await asyncio.to_thread(cluster.wait_ok)
+
+
+async def test_with_wait_a_promoted_replica_lacks_only_writes_reported_unreplicated(
+    cluster: EmbeddedCluster, servers: EmbeddedServers
+) -> None:
+    cluster.wait_ok()
+    key = f"lagging:{uuid.uuid4().hex[:8]}"
+    pods = [
+        ReseedCoordinator.from_urls(
+            cluster.url, lock_urls=[s.url for s in servers.redis[1:4]], replicas=1
+        )
+        for _ in range(2)
+    ]
+    try:
+        assert await pods[0].get(key, _constant(100.0)) == 100.0
+        master = cluster.master_of(key)
+        replica = cluster.replica_of(master)
+        traffic = Traffic(pods, key, _constant(100.0), per_pod=2)
+        await asyncio.sleep(0.2)
+        replica.pause()
+        # The link is cut: what the master applies from now on never reaches the replica.
+        cluster.cut_replicas(master)
+        await asyncio.sleep(0.3)
+        master.kill()
+        await traffic.finish()
+        replica.resume()
+        try:
+            assert await asyncio.to_thread(cluster.wait_replaced, master) is replica
+            promoted = Redis(host=replica.host, port=replica.port)
+            raw = await promoted.get(key)
+            await promoted.aclose()
+        finally:
+            master.start()
+            await asyncio.to_thread(cluster.wait_ok)
+    finally:
+        for pod in pods:
+            await pod.aclose()
+
+    reported = sum(pod.stats.under_replicated for pod in pods)
+    assert raw is not None  # the seed was acknowledged by the replica
+    lost = 100.0 + sum(traffic.added) - float(raw)
+    assert reported >= 1  # writes went on while the replica was cut off
+    assert lost <= reported  # every acknowledged write it lacks was reported
+
+
+def test_chaos_cluster_rows_pass_on_the_embedded_cluster(deployment: Deployment) -> None:
+    names = [name for name in SCENARIOS if name.startswith("cluster-")]
+    with Lab(deployment) as lab:
+        rows = [lab.run(name) for name in names]
+    assert [(row.name, row.status, row.failures) for row in rows] == [
+        (name, "pass", []) for name in names
+    ]
+    migrated, killed, cut, waited = (row.facts for row in rows)
+    assert migrated["final"] == 100.0 + migrated["adds"]
+    assert killed["errors"] >= 1
+    assert 0 <= killed["lost"] <= killed["adds"]
+    assert (cut["lost"] >= 1, cut["reported"]) == (True, 0)  # lost silently
+    assert 0 <= waited["lost"] <= waited["reported"]  # every loss was reported

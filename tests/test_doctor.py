@@ -18,7 +18,7 @@ from typing import Any
 
 import asyncpg
 import pytest
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 
 from coordinator import ReseedCoordinator
 from coordinator.budget import EntityId, spend_key
@@ -104,22 +104,27 @@ async def shipped_schema(servers: EmbeddedServers) -> AsyncIterator[str]:
 @pytest.fixture
 async def deployment(servers: EmbeddedServers, store: Redis) -> AsyncIterator[Deployment]:
     async with shipped_schema(servers) as dsn:
-        conn = await asyncpg.connect(dsn)
-        try:
-            for (scope, ident), value in ROWS.items():
-                if isinstance(ident, tuple):
-                    await conn.execute("INSERT INTO team_member VALUES ($1, $2, $3)", *ident, value)
-                else:
-                    await conn.execute(
-                        "INSERT INTO budget_entity VALUES ($1, $2, $3)", scope, ident, value
-                    )
-        finally:
-            await conn.close()
+        await insert_rows(dsn)
         await seed_counters(store)
         yield Deployment(servers.redis[0].url, dsn)
 
 
-async def seed_counters(store: Redis) -> None:
+async def insert_rows(dsn: str) -> None:
+    """The DB values of :data:`ROWS`."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        for (scope, ident), value in ROWS.items():
+            if isinstance(ident, tuple):
+                await conn.execute("INSERT INTO team_member VALUES ($1, $2, $3)", *ident, value)
+            else:
+                await conn.execute(
+                    "INSERT INTO budget_entity VALUES ($1, $2, $3)", scope, ident, value
+                )
+    finally:
+        await conn.close()
+
+
+async def seed_counters(store: Redis | RedisCluster) -> None:
     for entity, seeded in COUNTERS.items():
         key = spend_key(*entity)
         if seeded.stored is None:

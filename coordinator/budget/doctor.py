@@ -53,7 +53,7 @@ from dataclasses import asdict, dataclass, field
 from decimal import Decimal
 from typing import Any, Literal, get_args
 
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 from redis.exceptions import ResponseError
 
 from ..coordinator import Loader, ReseedCoordinator
@@ -218,13 +218,14 @@ Progress = Callable[[int, int], None]  # (counters scanned, flagged so far)
 
 
 class Doctor:
-    """Scans the counters of ``namespace`` on ``store`` against ``db`` (an asyncpg
-    connection or pool; the doctor issues one query at a time). ``idempotency_window`` is
-    the guards': how long the seeds of ``fix`` mark outbox rows counted."""
+    """Scans the counters of ``namespace`` on ``store`` (one server, or every master of a
+    Redis Cluster) against ``db`` (an asyncpg connection or pool; the doctor issues one query
+    at a time). ``idempotency_window`` is the guards': how long the seeds of ``fix`` mark
+    outbox rows counted."""
 
     def __init__(
         self,
-        store: Redis,
+        store: Redis | RedisCluster,
         db: Any,
         *,
         namespace: str = "litellm",
@@ -342,18 +343,14 @@ class Doctor:
     async def _batches(self) -> AsyncIterator[list[bytes]]:
         pattern = _glob_escape(f"{self.namespace}:spend:") + "*"
         pending: list[bytes] = []
-        cursor = 0
-        while True:
-            cursor, keys = await self.store.scan(cursor, match=pattern, count=self.batch)
-            for key in keys:
-                raw = key if isinstance(key, bytes) else key.encode()
-                if SEPARATOR.encode() not in raw:
-                    pending.append(raw)
-            while len(pending) >= self.batch:
-                yield pending[: self.batch]
-                pending = pending[self.batch :]
-            if cursor == 0:
-                break
+        # On a cluster, redis-py scans every master in turn, each with its own cursor.
+        async for key in self.store.scan_iter(match=pattern, count=self.batch):
+            raw = key if isinstance(key, bytes) else key.encode()
+            if SEPARATOR.encode() not in raw:
+                pending.append(raw)
+            if len(pending) == self.batch:
+                yield pending
+                pending = []
         if pending:
             yield pending
 

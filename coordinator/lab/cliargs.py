@@ -48,7 +48,11 @@ class HelpFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""
-        if "(default: " in text or action.default in (None, False, [], argparse.SUPPRESS):
+        if (
+            "(default: " in text
+            or action.default is True  # a switch that is on unless turned off: its help says so
+            or action.default in (None, False, [], argparse.SUPPRESS)
+        ):
             return text
         values = action.default if isinstance(action.default, list) else [action.default]
         shown = ",".join(
@@ -108,6 +112,15 @@ def add_server_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--pg-dsn",
         help="PostgreSQL DSN (default: $RESEED_PG_DSN if set, else an embedded PostgreSQL)",
+    )
+
+
+def add_cluster_flag(parser: argparse.ArgumentParser) -> None:
+    """--cluster: the embedded counter store is a Redis Cluster."""
+    parser.add_argument(
+        "--cluster",
+        action="store_true",
+        help="an embedded Redis Cluster (3 masters, 3 replicas) as the counter store",
     )
 
 

@@ -10,12 +10,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import asyncpg
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 from redis.exceptions import RedisError
 
 from ..budget.doctor import DEFAULT_BATCH, DEFAULT_TOLERANCE, Doctor, Finding, Report
 from ..budget.guard import SCOPES
-from ..clients import redact
+from ..clients import is_cluster_url, redact
 from ..coordinator import ReseedCoordinator
 from ..errors import SourceError
 from ..integrations.litellm_tables import LITELLM_BATCH_QUERIES
@@ -28,6 +28,7 @@ from .cliargs import (
     print_json,
 )
 from .serve import LOCK_URLS, PG_DSN, REDIS_URL
+from .servers import async_store_client
 from .table import format_table, number
 
 
@@ -63,7 +64,10 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     parser.add_argument(
         "--redis-url",
         default=os.environ.get(REDIS_URL) or None,
-        help=f"the counter store (default: ${REDIS_URL}, as `servers` prints it)",
+        help=(
+            f"the counter store, redis+cluster://host:port[,host:port...] for a Redis Cluster "
+            f"(default: ${REDIS_URL}, as `servers` prints it)"
+        ),
     )
     parser.add_argument(
         "--pg-dsn",
@@ -145,6 +149,11 @@ def _doctor(args: argparse.Namespace) -> int:
             raise CommandError(
                 f"no {flag}: give it, or set {name} (`python -m coordinator servers` prints it)"
             )
+    if args.fix and is_cluster_url(args.redis_url) and not args.lock_url:
+        raise CommandError(
+            f"--fix on a Redis Cluster needs --lock-url (or ${LOCK_URLS}): independent lock "
+            "masters, not the cluster's shards"
+        )
     if args.fix and not args.yes and not sys.stdin.isatty():
         raise CommandError("--fix needs --yes when stdin is not a terminal (no one to ask)")
     return asyncio.run(_run(args))
@@ -152,7 +161,9 @@ def _doctor(args: argparse.Namespace) -> int:
 
 async def _run(args: argparse.Namespace) -> int:
     try:
-        store = Redis.from_url(args.redis_url, socket_timeout=10.0, socket_connect_timeout=5.0)
+        store = async_store_client(
+            args.redis_url, socket_timeout=10.0, socket_connect_timeout=5.0
+        )
     except ValueError as exc:
         raise CommandError(f"invalid --redis-url {args.redis_url!r}: {exc}") from exc
     try:
@@ -178,7 +189,9 @@ async def _run(args: argparse.Namespace) -> int:
         await store.aclose()
 
 
-async def _examine_and_fix(args: argparse.Namespace, store: Redis, db: Any) -> int:
+async def _examine_and_fix(
+    args: argparse.Namespace, store: Redis | RedisCluster, db: Any
+) -> int:
     doctor = Doctor(
         store,
         db,

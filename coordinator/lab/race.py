@@ -41,6 +41,7 @@ from ..sources import PostgresSource
 from ..values import parse_stored
 from .cliargs import (
     CommandError,
+    add_cluster_flag,
     add_server_flags,
     describe,
     list_flag,
@@ -554,11 +555,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         action="store_true",
         help="print JSON: one object for one race, else a list (each with the redis-server)",
     )
-    parser.add_argument(
-        "--cluster",
-        action="store_true",
-        help="an embedded Redis Cluster (3 masters, 3 replicas) as the counter store",
-    )
+    add_cluster_flag(parser)
     add_server_flags(parser)
     parser.set_defaults(run=_race)
 

@@ -1,6 +1,7 @@
 """``python -m coordinator servers``: the embedded servers, kept running for your own code.
 
-Starts a counter store, three lock masters and PostgreSQL (those not given by URL), prints
+Starts a counter store (``--cluster``: a Redis Cluster of 3 masters and 3 replicas), three
+lock masters and PostgreSQL (those not given by URL), prints
 where they are as shell ``export`` lines (or ``--json``), and keeps them until Ctrl-C or
 SIGTERM, which stop them and remove their temp dirs. The variables are the ones the
 examples read and the ``doctor`` command takes as defaults.
@@ -14,7 +15,7 @@ import sys
 import time
 from typing import Any
 
-from .cliargs import CommandError, add_server_flags, print_json
+from .cliargs import CommandError, add_cluster_flag, add_server_flags, print_json
 from .servers import Deployment, Servers, started_servers
 
 REDIS_URL = "RESEED_REDIS_URL"
@@ -62,6 +63,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     parser.add_argument(
         "--json", action="store_true", help="print one JSON document instead of export lines"
     )
+    add_cluster_flag(parser)
     add_server_flags(parser)
     parser.set_defaults(run=_servers)
 
@@ -70,6 +72,10 @@ def _stopped(deployment: Deployment) -> str | None:
     """Which embedded server is no longer running, if any."""
     if deployment.store is not None and not deployment.store.running:
         return f"the counter store ({deployment.servers.redis_url})"
+    cluster = deployment.cluster
+    for node in cluster.nodes if cluster is not None else ():
+        if not node.running:
+            return f"the cluster node {node.url}"
     for master in deployment.masters:
         if not master.running:
             return f"the lock master {master.url}"
@@ -80,7 +86,9 @@ def _stopped(deployment: Deployment) -> str | None:
 
 
 def _servers(args: argparse.Namespace) -> int:
-    with started_servers(args.redis_url, args.lock_url, args.pg_dsn) as deployment:
+    with started_servers(
+        args.redis_url, args.lock_url, args.pg_dsn, cluster=args.cluster
+    ) as deployment:
         if args.json:
             print_json(describe(deployment))
         else:

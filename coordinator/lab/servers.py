@@ -10,7 +10,7 @@ import os
 import sys
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import asyncpg
@@ -33,8 +33,10 @@ from .embedded import (
 )
 from .embedded.cluster import EmbeddedCluster
 
-#: A server a fault needs a handle on: the counter store, the lock masters, PostgreSQL.
-Need = Literal["store", "masters", "postgres"]
+#: A server a fault needs a handle on: the counter store, the lock masters, PostgreSQL; or
+#: a counter store that is one server (a proxy in front of it sees all its traffic), or the
+#: embedded Redis Cluster.
+Need = Literal["store", "masters", "postgres", "single-store", "cluster"]
 
 
 class ServersError(CommandError):
@@ -58,6 +60,7 @@ class Deployment:
     masters: tuple[RedisServer, ...] = ()
     postgres: PostgresServer | None = None
     redis_binary: RedisBinary | None = None  # what the embedded redis servers run
+    cluster: EmbeddedCluster | None = None  # the embedded cluster that is the counter store
 
     @classmethod
     def embedded(cls, running: EmbeddedServers) -> Deployment:
@@ -78,9 +81,21 @@ class Deployment:
         """Whether a fault may be injected into ``need`` (it is embedded, ours to break)."""
         if need == "store":
             return self.store is not None
+        if need == "single-store":
+            return not is_cluster_url(self.servers.redis_url)
+        if need == "cluster":
+            return self.cluster is not None
         if need == "masters":
             return len(self.masters) >= 3
         return self.postgres is not None and not self.postgres.external
+
+    def lacking(self, needs: Sequence[Need]) -> str:
+        """Why faults into ``needs`` (not :meth:`controls`) cannot be injected."""
+        if "single-store" in needs or ("store" in needs and self.cluster is not None):
+            return "needs a single store: the counter store is a Redis Cluster"
+        if "cluster" in needs:
+            return "needs the embedded Redis Cluster (--cluster)"
+        return f"needs embedded servers ({', '.join(needs)}): URLs were given"
 
     def restore(self) -> None:
         """Bring back whatever a fault killed, paused or stopped."""
@@ -91,10 +106,17 @@ class Deployment:
                 server.start()
         if self.postgres is not None and not self.postgres.external:
             self.postgres.start()
+        if self.cluster is not None:
+            for node in self.cluster.nodes:
+                if node.running:
+                    node.resume()
+                else:
+                    node.start()  # rejoins as a replica of the master promoted in its place
+            self.cluster.wait_ok()
 
-    def client(self, url: str | None = None) -> Redis:
+    def client(self, url: str | None = None) -> Redis | RedisCluster:
         """A client on ``url``, by default the counter store."""
-        return Redis.from_url(url or self.servers.redis_url, socket_timeout=5.0)
+        return store_client(url or self.servers.redis_url, socket_timeout=5.0)
 
     def counter(self, key: str) -> float | None:
         with self.client() as client:
@@ -138,6 +160,19 @@ def store_client(url: str, **options: Any) -> Redis | RedisCluster:
     node_url, nodes = parse_cluster_url(url)
     startup = [ClusterNode(host, port) for host, port in nodes]  # type: ignore[no-untyped-call]
     return RedisCluster.from_url(node_url, startup_nodes=startup, **options)
+
+
+def commands_processed(client: Redis | RedisCluster) -> tuple[int, int]:
+    """Commands processed so far by the counter store (by every master of a cluster), and
+    how many servers were asked (each counts this INFO in its next answer)."""
+    nodes: list[Any] = [None]
+    if isinstance(client, RedisCluster):
+        nodes = client.get_primaries()  # type: ignore[no-untyped-call]
+    infos = [
+        client.info("stats") if node is None else client.info("stats", target_nodes=node)
+        for node in nodes
+    ]
+    return sum(int(info["total_commands_processed"]) for info in infos), len(infos)
 
 
 def async_store_client(url: str, **options: Any) -> AsyncRedis | AsyncRedisCluster:
@@ -216,7 +251,7 @@ def started_servers(
             _embedded_cluster() as nodes,
             started_servers(nodes.url, lock_urls, pg_dsn) as deployment,
         ):
-            yield deployment
+            yield replace(deployment, cluster=nodes)
         return
     embedded_redis = (0 if redis_url else 1) + (0 if lock_urls else 3)
     if not embedded_redis and pg_dsn:

@@ -139,6 +139,8 @@ def test_every_row_of_the_table_has_a_test() -> None:
         "store-restarted", "rebuild-winding-down", "db-stopped", "db-slow",
         "reset-during-rebuild",
         "reset-reader-in-holder-pod", "store-reply-lost",
+        "cluster-slot-migrated", "cluster-master-killed",  # in tests/test_cluster.py
+        "cluster-replica-cut-off", "cluster-replica-cut-off-wait",
     }  # fmt: skip
     assert set(chaos.SCENARIOS) == tested
 

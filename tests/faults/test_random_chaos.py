@@ -15,7 +15,6 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator
 
 import asyncpg
 import pytest
-from redis.asyncio import Redis
 
 from coordinator import ReseedCoordinator, SourceError
 from coordinator.budget import BudgetGuard, EntityLike, PostgresSpendSource
@@ -24,7 +23,6 @@ from coordinator.lab.chaos.randomized import Options, run_random
 from coordinator.lab.embedded import EmbeddedServers
 from coordinator.lab.servers import Deployment
 from coordinator.sources import PostgresSource
-from coordinator.wakeup import SeedSignals, Watch
 
 SECONDS = 8.0
 
@@ -111,24 +109,6 @@ async def test_a_connection_left_mid_operation_fails_as_a_source_error() -> None
 
     with pytest.raises(SourceError):
         await PostgresSource(Broken(), "SELECT 1").fetch()
-
-
-async def test_a_pubsub_that_fails_with_a_foreign_error_never_fails_the_call() -> None:
-    class Flaky:
-        async def subscribe(self, *channels: bytes) -> None:
-            raise RuntimeError("readuntil() called while another coroutine is already waiting")
-
-        async def unsubscribe(self, *channels: bytes) -> None:
-            raise AttributeError("'NoneType' object has no attribute 'writelines'")
-
-    client = Redis()  # never connects: the pub/sub is the fake's
-    signals = SeedSignals(client)
-    signals._pubsub = Flaky()  # type: ignore[assignment]
-    async with signals.watch("k") as watch:
-        assert isinstance(watch, Watch)
-        await watch.sleep(0.01)  # subscribes: fails, notifications down, no error
-        await watch.sleep(0.01)  # plain backoff
-    await client.aclose()
 
 
 class AfterCommit(PostgresSpendSource):

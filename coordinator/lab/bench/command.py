@@ -31,10 +31,10 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-from redis.asyncio import Redis
 
 from ..cliargs import (
     CommandError,
+    add_cluster_flag,
     add_server_flags,
     list_flag,
     non_negative,
@@ -43,7 +43,7 @@ from ..cliargs import (
 )
 from ..embedded import RedisBinary, RedisServer
 from ..race import PodReport, percentile
-from ..servers import Servers, started_servers
+from ..servers import Servers, async_store_client, started_servers
 from .micro import MicroPlan, alternating, hot_path, lock_cost
 from .pool import PodPool, Round, Variant
 from .report import format_report, plot, seed_wakeup, targets
@@ -184,7 +184,7 @@ def _version(package: str) -> str | None:
 
 
 async def _server_versions(servers: Servers) -> dict[str, str]:
-    client = Redis.from_url(servers.redis_url, socket_timeout=5.0)
+    client = async_store_client(servers.redis_url, socket_timeout=5.0)
     try:
         info = await client.info("server")
     finally:
@@ -330,6 +330,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "--reps", type=positive_int, help="repetitions per cell (default: 16, --quick 3)"
     )
     parser.add_argument("--callers", type=positive_int, help="callers per pod (default: 8)")
+    add_cluster_flag(parser)
     add_server_flags(parser)
     parser.set_defaults(run=_bench)
 
@@ -352,7 +353,9 @@ def _bench(args: argparse.Namespace) -> int:
     def progress(line: str) -> None:
         print(f"bench: {line}", file=sys.stderr, flush=True)
 
-    with started_servers(args.redis_url, args.lock_url, args.pg_dsn) as deployment:
+    with started_servers(
+        args.redis_url, args.lock_url, args.pg_dsn, cluster=args.cluster
+    ) as deployment:
         masters = deployment.masters
         victim = masters[-1] if len(masters) == 3 else None
         document = run_bench(plan, deployment.servers, victim, progress, deployment.redis_binary)

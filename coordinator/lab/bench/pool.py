@@ -37,7 +37,7 @@ from ..race import (
     remove_row,
     run_round,
 )
-from ..servers import Servers
+from ..servers import Servers, commands_processed, store_client
 
 # Ahead of the start, so that every pod has the message and its tasks ready; pods in the
 # pool are idle and warm, so this is much shorter than a fresh race's barrier lead.
@@ -148,7 +148,7 @@ class PodPool:
         self._fleet = Fleet("bench-pod-")
         self._members: list[Pod] = []
         self._rounds = 0
-        self._client = Redis.from_url(servers.redis_url, socket_timeout=5.0)
+        self._client = store_client(servers.redis_url, socket_timeout=5.0)
         self._lock_clients = [
             Redis.from_url(url, socket_timeout=5.0)
             for url in dict.fromkeys(servers.lock_urls)
@@ -181,7 +181,7 @@ class PodPool:
         after = self._commands()
         # Less the INFO of the first snapshot, which the second one counts: one per server.
         commands = {
-            "store": after["store"] - before["store"] - 1,
+            "store": after["store"] - before["store"] - after["store_servers"],
             "locks": after["locks"] - before["locks"] - len(self._lock_clients),
         }
         raw = self._client.get(key)
@@ -195,8 +195,10 @@ class PodPool:
         def processed(client: Redis) -> int:
             return int(client.info("stats")["total_commands_processed"])
 
+        store, servers = commands_processed(self._client)
         return {
-            "store": processed(self._client),
+            "store": store,
+            "store_servers": servers,
             "locks": sum(processed(client) for client in self._lock_clients),
         }
 

@@ -35,6 +35,7 @@ from . import scenarios_lock  # noqa: F401
 from . import scenarios_store  # noqa: F401
 from . import scenarios_db  # noqa: F401
 from . import scenarios_writes  # noqa: F401
+from . import scenarios_cluster  # noqa: F401
 # isort: on
 
 __all__ = [

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from ..cliargs import CommandError, add_server_flags, non_negative, positive_int, print_json
+from ..cliargs import (
+    CommandError,
+    add_cluster_flag,
+    add_server_flags,
+    non_negative,
+    positive_int,
+    print_json,
+)
 from ..servers import started_servers
 from .checker import format_verdict
 from .randomized import Options, run_random
@@ -43,16 +50,17 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     random.add_argument("--random", action="store_true", help="random combined faults")
     random.add_argument(
-        "--seconds", type=non_negative, default=60.0, help="how long faults run (default 60)"
+        "--seconds", type=non_negative, default=60.0, help="how long faults run"
     )
-    random.add_argument("--seed", type=int, default=1, help="the fault schedule's seed (default 1)")
-    random.add_argument("--pods", type=positive_int, default=4, help="pods (default 4)")
+    random.add_argument("--seed", type=int, default=1, help="the fault schedule's seed")
+    random.add_argument("--pods", type=positive_int, default=4, help="pods")
     random.add_argument(
         "--no-resets",
         dest="resets",
         action="store_false",
-        help="never reset spend (by default 2%% of requests reset a key's or a user's)",
+        help="never reset spend (otherwise 2%% of requests reset a key's or a user's)",
     )
+    add_cluster_flag(parser)
     add_server_flags(parser)
     parser.set_defaults(run=_chaos)
 
@@ -60,7 +68,9 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 def _chaos(args: argparse.Namespace) -> int:
     if args.random:
         return _random(args)
-    with started_servers(args.redis_url, args.lock_url, args.pg_dsn) as env:
+    with started_servers(
+        args.redis_url, args.lock_url, args.pg_dsn, cluster=args.cluster
+    ) as env:
         rows = run_table(env, args.only)
     if args.json:
         print_json([row.as_dict() for row in rows])
@@ -72,6 +82,8 @@ def _chaos(args: argparse.Namespace) -> int:
 def _random(args: argparse.Namespace) -> int:
     if args.only:
         raise CommandError("--only picks rows of the table; --random runs no table")
+    if args.cluster:
+        raise CommandError("--random restarts the counter store: it needs a single store")
     options = Options(seconds=args.seconds, seed=args.seed, pods=args.pods, resets=args.resets)
     with started_servers(args.redis_url, args.lock_url, args.pg_dsn) as env:
         verdict = run_random(env, options)

@@ -111,6 +111,7 @@ def _reset_reader_in_holder_pod(run: Run) -> None:
     "store-reply-lost",
     fault="store replies to increments lost after the store ran them (TCP proxy drops the link)",
     expected="each increment applied exactly once; a lost reply surfaces as a typed StoreError",
+    needs=("single-store",),
 )
 def _store_reply_lost(run: Run) -> None:
     db_value, rounds = 20.0, 5

@@ -206,7 +206,7 @@ class Lab:
         missing = [need for need in spec.needs if not self.env.controls(need)]
         if missing:
             row.status = "skip"
-            row.observed = f"needs embedded servers ({', '.join(missing)}): URLs were given"
+            row.observed = self.env.lacking(missing)
             return row
         started = time.monotonic()
         try:

@@ -105,12 +105,41 @@ class EmbeddedCluster(Lifecycle):
     def node_at(self, address: tuple[str, int]) -> RedisServer:
         return next(node for node in self.nodes if (node.host, node.port) == address)
 
+    def masters(self) -> list[RedisServer]:
+        """The masters serving slots now, by a running node's slot map."""
+        slots = self._ask(self._any_running(), "CLUSTER", "SLOTS")
+        owners = dict.fromkeys((_text(master[0]), int(master[1])) for _, _, master, *_ in slots)
+        return [self.node_at(owner) for owner in owners]
+
     def slot_owner(self, slot: int) -> tuple[str, int]:
         """The (host, port) of the master serving ``slot``, by a running node's slot map."""
         for start, end, master, *_ in self._ask(self._any_running(), "CLUSTER", "SLOTS"):
             if start <= slot <= end:
                 return _text(master[0]), int(master[1])
         raise EmbeddedServerError(f"slot {slot} is not served")
+
+    def migrate(self, key: str, hold: float = 0.0) -> RedisServer:
+        """Move ``key``'s slot (every key in it: the counter and its companions) to another
+        master, leaving it half-migrated (MIGRATING / IMPORTING) for ``hold`` seconds so
+        that traffic meets ASK redirects; the new master."""
+        slot = key_slot(key.encode())
+        source = self.master_of(key)
+        target = next(master for master in self.masters() if master is not source)
+        source_id, target_id = self.node_id(source), self.node_id(target)
+        self._ask(target, "CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
+        self._ask(source, "CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+        keys = self._ask(source, "CLUSTER", "GETKEYSINSLOT", slot, 1000)
+        if keys:
+            self._ask(source, "MIGRATE", target.host, target.port, "", 0, 5000, "KEYS", *keys)
+        time.sleep(hold)
+        for node in (target, source):
+            self._ask(node, "CLUSTER", "SETSLOT", slot, "NODE", target_id)
+        return target
+
+    def cut_replicas(self, master: RedisServer) -> None:
+        """Close ``master``'s replication links: what it applies from now on reaches no
+        replica until they reconnect."""
+        self._ask(master, "CLIENT", "KILL", "TYPE", "replica")
 
     def wait_replaced(self, master: RedisServer, timeout: float = _FORM_TIMEOUT) -> RedisServer:
         """After ``master`` died: until a replica serves its slots and the cluster is ok;
@@ -125,7 +154,8 @@ class EmbeddedCluster(Lifecycle):
         return self.node_at(self.slot_owner(slot))
 
     def wait_ok(self, timeout: float = _FORM_TIMEOUT) -> None:
-        """Until every running node reports ``cluster_state:ok`` and the same slot owners."""
+        """Until every running node reports ``cluster_state:ok`` and the same slot owners,
+        and every running replica is in sync with its master."""
         running = [node for node in self.nodes if node.running]
 
         def agreed() -> bool:
@@ -133,6 +163,9 @@ class EmbeddedCluster(Lifecycle):
             for node in running:
                 info = _text(self._ask(node, "CLUSTER", "INFO"))
                 if "cluster_state:ok" not in info:
+                    return False
+                replication = self._ask(node, "INFO", "replication")
+                if replication.get("role") == "slave" and not _linked(replication):
                     return False
                 slots = self._ask(node, "CLUSTER", "SLOTS")
                 maps.add(tuple(sorted((s, e, _text(m[0]), int(m[1])) for s, e, m, *_ in slots)))
