@@ -304,8 +304,8 @@ def _proxy(args: argparse.Namespace) -> int:
             "LATENCY_MS": repr(args.latency_ms),
         }
         with run_pods(servers, args.pods, settings) as pods:
-            print(_banner(pods, demo, deployment), flush=True)
-            try:
+            try:  # from the banner on: its reader may stop us as soon as it has read it
+                print(_banner(pods, demo, deployment), flush=True)
                 while all(pod.process.poll() is None for pod in pods):
                     time.sleep(0.5)
             except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (the CLI raises it for both)

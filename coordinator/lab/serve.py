@@ -89,13 +89,14 @@ def _servers(args: argparse.Namespace) -> int:
     with started_servers(
         args.redis_url, args.lock_url, args.pg_dsn, cluster=args.cluster
     ) as deployment:
-        if args.json:
-            print_json(describe(deployment))
-        else:
-            print("\n".join(export_lines(deployment.servers)))
-        sys.stdout.flush()
-        print("servers: running; Ctrl-C or SIGTERM stops them", file=sys.stderr, flush=True)
+        # From the first line printed on: a reader may stop us as soon as it has what it needs.
         try:
+            if args.json:
+                print_json(describe(deployment))
+            else:
+                print("\n".join(export_lines(deployment.servers)))
+            sys.stdout.flush()
+            print("servers: running; Ctrl-C or SIGTERM stops them", file=sys.stderr, flush=True)
             while (stopped := _stopped(deployment)) is None:
                 time.sleep(0.5)
         except KeyboardInterrupt:
