@@ -12,9 +12,12 @@ from redis.asyncio import BlockingConnectionPool, Connection, Redis, RedisCluste
 from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from .errors import ConfigurationError
+from .deadline import current_deadline
+from .errors import ConfigurationError, ReseedTimeoutError
 
 # A password given as a parameter: ``?password=`` in a URL, ``password=`` in a key=value DSN.
 _PASSWORD_PARAM = re.compile(r"(password=)[^&\s]*", re.IGNORECASE)
@@ -32,16 +35,62 @@ def redact(address: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:***@{hostport}"))
 
 
-def redis_client(url: str, *, timeout: float, max_connections: int = 100) -> Redis:
-    """A client that fails fast and never resends a command on its own.
+class DeadlinePool(BlockingConnectionPool):
+    """A blocking pool whose commands queue for a connection as long as the deadline of
+    the coordinator call they serve allows (:data:`~coordinator.deadline.current_deadline`),
+    or ``timeout`` outside of any call.
+
+    A burst longer than a socket timeout is not a fault: a command that waits its turn is
+    answered, and only a deadline that passes in the queue ends the wait, as the typed
+    timeout the call would raise anyway. A dead server is still noticed by the socket
+    timeouts of the commands in flight, which free their connections for the queue.
+    """
+
+    # redis-py reads ``self.timeout`` on every wait for a connection.
+    @property
+    def timeout(self) -> float | None:
+        deadline = current_deadline.get()
+        return self.idle_timeout if deadline is None else max(deadline.remaining(), 0.0)
+
+    @timeout.setter
+    def timeout(self, value: float | None) -> None:
+        self.idle_timeout = value
+
+    async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            try:
+                return await super().get_connection(*args, **kwargs)  # type: ignore[no-untyped-call]
+            except RedisTimeoutError:
+                # A connect that timed out sent nothing, so it is safe to try once more. The
+                # first connects of a burst start while the event loop is busiest: their
+                # timeout may have measured our own loop's lag, not the server.
+                return await super().get_connection(*args, **kwargs)  # type: ignore[no-untyped-call]
+        except RedisConnectionError as exc:
+            deadline = current_deadline.get()
+            if deadline is None or deadline.remaining() > 0:
+                raise
+            raise ReseedTimeoutError(
+                "the call's deadline passed while it waited for a connection"
+            ) from exc
+
+
+def redis_client(
+    url: str,
+    *,
+    timeout: float,
+    max_connections: int = 100,
+    queue_timeout: float | None = None,
+) -> Redis:
+    """A client that fails fast on a dead server and never resends a command on its own.
 
     * No retries: a resent increment whose first reply was lost would count twice, and a
       dead lock master would cost seconds of backoff per acquire. The counter store retries
       its idempotent reads itself (``CounterStore._call``).
     * Short connect and read timeouts: a dead or paused server costs one timeout.
-    * A blocking pool: past ``max_connections`` commands in flight, a command waits (up to
-      ``timeout``) for a connection instead of failing at once, as redis-py's default pool
-      does; a proxy pod under a burst must not turn it into errors.
+    * A :class:`DeadlinePool`: past ``max_connections`` commands in flight, a command
+      queues for a connection until its call's deadline (``queue_timeout`` outside of a
+      coordinator call; default ``timeout``), instead of failing at once as redis-py's
+      default pool does: a proxy pod under a burst must not turn it into errors.
     * No RESP3 maintenance notifications (a managed-cluster feature): while they are on,
       redis-py's pool skips its check for connections closed by the server, so after a
       server restart the first command on every pooled connection fails.
@@ -58,8 +107,11 @@ def redis_client(url: str, *, timeout: float, max_connections: int = 100) -> Red
     else:
         options["maint_notifications_config"] = MaintNotificationsConfig(enabled=False)
     try:
-        pool = BlockingConnectionPool.from_url(
-            url, max_connections=max_connections, timeout=timeout, **options
+        pool = DeadlinePool.from_url(
+            url,
+            max_connections=max_connections,
+            timeout=timeout if queue_timeout is None else queue_timeout,
+            **options,
         )
     except ValueError as exc:  # redis-py's verdict on the URL
         raise ConfigurationError(f"invalid Redis URL {redact(url)!r}: {exc}") from exc

@@ -47,7 +47,7 @@ from tenacity import AsyncRetrying, RetryError, retry_if_result
 from tenacity.wait import wait_random_exponential
 
 from .clients import cluster_client, is_cluster_url, redis_client
-from .deadline import Deadline, stop_before_deadline, wait_until
+from .deadline import Deadline, bounded_by, current_deadline, stop_before_deadline, wait_until
 from .errors import (
     ConfigurationError,
     CoordinatorClosedError,
@@ -264,16 +264,20 @@ class ReseedCoordinator:
         _check_loader(loader, key)
         budget = self._budget(wait)
         self._check_open()
-        try:  # _guard, inlined: one coroutine less on the hot path
-            value = await self._store.read(key)
-        except StoreError:
-            self._count("store_errors")
-            raise
-        if value is not None:
-            self._count("hits")
-            return value
-        self._count("misses")
-        return await self._reseed(key, loader, budget)
+        with bounded_by.budget(budget):
+            try:  # _guard, inlined: one coroutine less on the hot path
+                value = await self._store.read(key)
+            except StoreError:
+                self._count("store_errors")
+                raise
+            except ReseedTimeoutError:
+                self._count("timeouts")
+                raise
+            if value is not None:
+                self._count("hits")
+                return value
+            self._count("misses")
+            return await self._reseed(key, loader, budget)
 
     async def get_many(
         self, requests: Sequence[tuple[str, Loader]], *, wait: float | None = None
@@ -287,13 +291,14 @@ class ReseedCoordinator:
         self._check_open()
         if not keys:
             return []
-        values = await self._guard(self._store.read_many(keys))
-        missing = [i for i, value in enumerate(values) if value is None]
-        self._count("hits", len(keys) - len(missing))
-        self._count("misses", len(missing))
-        rebuilt = await asyncio.gather(
-            *(self._reseed(keys[i], requests[i][1], budget) for i in missing)
-        )
+        with bounded_by.budget(budget):
+            values = await self._guard(self._store.read_many(keys))
+            missing = [i for i, value in enumerate(values) if value is None]
+            self._count("hits", len(keys) - len(missing))
+            self._count("misses", len(missing))
+            rebuilt = await asyncio.gather(
+                *(self._reseed(keys[i], requests[i][1], budget) for i in missing)
+            )
         for i, value in zip(missing, rebuilt, strict=True):
             values[i] = value
         return [value for value in values if value is not None]
@@ -317,17 +322,19 @@ class ReseedCoordinator:
             _check_loader(loader, key)
         budget = self._budget(wait)
         self._check_open()
-        deadline = asyncio.get_running_loop().time() + budget
-        while True:
-            new = await self._guard(self._store.increment(key, amount, self._ttl))
-            if new is not None or loader is None:
-                return new
-            # The counter can vanish again (reset, expiry) between the rebuild and the add.
-            remaining = deadline - asyncio.get_running_loop().time()
-            if remaining <= 0:
-                self._count("timeouts")
-                raise ReseedTimeoutError(f"could not increment {key!r} within {budget}s", key=key)
-            await self._reseed(key, loader, remaining)
+        with bounded_by.budget(budget) as deadline:
+            while True:
+                new = await self._guard(self._store.increment(key, amount, self._ttl))
+                if new is not None or loader is None:
+                    return new
+                # The counter can vanish again (reset, expiry) between the rebuild and the add.
+                remaining = deadline.remaining()
+                if remaining <= 0:
+                    self._count("timeouts")
+                    raise ReseedTimeoutError(
+                        f"could not increment {key!r} within {budget}s", key=key
+                    )
+                await self._reseed(key, loader, remaining)
 
     async def apply_once(
         self,
@@ -350,9 +357,10 @@ class ReseedCoordinator:
         if on_missing not in ("fence", "mark"):
             raise ConfigurationError(f"on_missing must be 'fence' or 'mark', got {on_missing!r}")
         self._check_open()
-        return await self._guard(
-            self._store.apply(key, spend_id, amount, self._ttl, marker_ttl, on_missing)
-        )
+        with bounded_by.budget(self._wait):
+            return await self._guard(
+                self._store.apply(key, spend_id, amount, self._ttl, marker_ttl, on_missing)
+            )
 
     async def reset(
         self, key: str, *, counted: Sequence[str] = (), window: float | None = None
@@ -367,7 +375,8 @@ class ReseedCoordinator:
         self._check_open()
         # Rebuilds are per (key, generation), so a get after this starts a fresh rebuild
         # (in this process or any other) instead of joining one the reset doomed.
-        generation = await self._guard(self._store.reset(key, counted, marker_ttl))
+        with bounded_by.budget(self._wait):
+            generation = await self._guard(self._store.reset(key, counted, marker_ttl))
         log.debug("counter reset", extra={"key": key, "generation": generation, "outcome": "reset"})
 
     async def aclose(self) -> None:
@@ -471,6 +480,9 @@ class ReseedCoordinator:
         deadline, and the rebuild raises ``ReseedTimeoutError`` then.
         """
         state: State = Missing(generation)
+        # This task's own context: its commands queue for connections until the flight's
+        # (extensible) deadline, not the first caller's.
+        current_deadline.set(deadline)
         try:
             async with self._signals.watch(key) as watch:
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable
+from contextvars import ContextVar, Token
 from typing import TypeVar
 
 from tenacity import RetryCallState
@@ -27,6 +28,33 @@ class Deadline:
 
     def remaining(self) -> float:
         return self.at - asyncio.get_running_loop().time()
+
+
+#: The deadline of the coordinator call running in this context (None: no call). Tasks
+#: inherit it, so a flight's commands and pottery's per-master tasks see it too. Pools read
+#: it to bound how long a command may queue for a connection (see :mod:`coordinator.clients`).
+current_deadline: ContextVar[Deadline | None] = ContextVar("current_deadline", default=None)
+
+
+class bounded_by:  # lower case: used as a ``with`` statement, like contextlib's helpers
+    """Make ``deadline`` the :data:`current_deadline` of the ``with`` block."""
+
+    __slots__ = ("_token", "deadline")
+    _token: Token[Deadline | None]
+
+    def __init__(self, deadline: Deadline) -> None:
+        self.deadline = deadline
+
+    def __enter__(self) -> Deadline:
+        self._token = current_deadline.set(self.deadline)
+        return self.deadline
+
+    def __exit__(self, *exc_info: object) -> None:
+        current_deadline.reset(self._token)
+
+    @classmethod
+    def budget(cls, seconds: float) -> bounded_by:
+        return cls(Deadline(asyncio.get_running_loop().time() + seconds))
 
 
 class stop_before_deadline(stop_base):  # lower case, like tenacity's strategies

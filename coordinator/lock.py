@@ -34,6 +34,8 @@ from pottery.exceptions import (
 from redis.asyncio import Redis
 
 from .clients import redis_client
+from .deadline import Deadline, current_deadline
+from .errors import ReseedTimeoutError
 from .keys import lease_name
 
 log = logging.getLogger(__name__)
@@ -129,6 +131,8 @@ class Lease:
         return asyncio.get_running_loop().create_task(self._let_go())
 
     async def _let_go(self) -> None:
+        # Whatever the caller's deadline: past the lease's own, a release is moot.
+        current_deadline.set(Deadline(asyncio.get_running_loop().time() + self._duration))
         if self._keeper is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._keeper
@@ -148,6 +152,9 @@ class Lease:
             # Half the lease leaves room for a slow master before the lease lapses.
             await asyncio.sleep(pause)
             pause = self._duration / 2
+            # An extension that lands after the lease lapsed is moot, however long the
+            # flight's deadline: that is how long it may queue for a connection.
+            current_deadline.set(Deadline(asyncio.get_running_loop().time() + pause))
             try:
                 await _finish(self._lock.extend())
             except TooManyExtensions:
@@ -225,6 +232,12 @@ class LeaseManager:
                 },
             )
             raise QuorumUnavailable(key) from exc
+        except ReseedTimeoutError:
+            # The call's deadline passed while a master's command queued for a connection:
+            # a verdict on the caller's patience, not on the masters.
+            with contextlib.suppress(Exception):
+                await _release(lock)
+            raise
         except Exception as exc:
             # pottery counts only a master's RedisError as a failed master; anything else
             # (a socket or asyncio error redis-py let through) aborts the whole acquire. We

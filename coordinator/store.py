@@ -38,6 +38,7 @@ from .errors import (
     ConfigurationError,
     CorruptCounterError,
     InvalidValueError,
+    ReseedTimeoutError,
     StoreError,
     WrongTypeError,
 )
@@ -576,6 +577,8 @@ class CounterStore:
                 return await op()
         except ResponseError as exc:
             raise _translate(exc, key) from exc
+        except ReseedTimeoutError as exc:  # the deadline passed in the queue: not a fault
+            raise ReseedTimeoutError(f"{exc} (on {key!r})", key=key) from exc
         except _FAULTS as exc:
             raise StoreError(
                 f"counter store failed on {key!r}: {type(exc).__name__}: {exc}", key=key
