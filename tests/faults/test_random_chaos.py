@@ -3,8 +3,9 @@ the library bugs it found, each pinned by a test of its own.
 
 The random runs use this module's own servers (4 redis-servers and a PostgreSQL): the
 nemesis kills, pauses and restarts them. Two fixed seeds must pass every check with their
-faults actually injected; a run with a deliberately double-applying record must fail the
-checker, so the checker is known to be able to fail.
+faults actually injected; a run with a deliberately double-applying record, and one whose
+seed script skips the fencing-token check, must each fail the checker, so the checker is
+known to be able to fail.
 """
 
 from __future__ import annotations
@@ -66,6 +67,23 @@ def test_the_checker_catches_a_record_that_applies_a_retry_twice(env: Deployment
 
     failed = {check.name for check in verdict.checks if not check.ok}
     assert "no counter ever observed above the DB spend" in failed
+    assert verdict.lag.above > 0
+    assert not verdict.passed
+
+
+COUNTER_CHECKS = {
+    "counters equal the DB spend at quiescence",
+    "no counter ever observed above the DB spend",
+}
+
+
+def test_the_checker_catches_a_seed_that_skips_the_fence(env: Deployment) -> None:
+    verdict = run_random(env, Options(seconds=4.0, seed=3, sabotage="broken-fence"))
+
+    failed = {check.name for check in verdict.checks if not check.ok}
+    # A rebuild that read before a reset seeds the old spend after it.
+    assert "no counter ever observed above the DB spend" in failed, verdict.checks
+    assert failed <= COUNTER_CHECKS, verdict.checks  # the calls and the ledger stay sound
     assert verdict.lag.above > 0
     assert not verdict.passed
 

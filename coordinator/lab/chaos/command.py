@@ -16,6 +16,7 @@ from ..servers import started_servers
 from .checker import format_verdict
 from .randomized import Options, run_random
 from .table import SCENARIOS, format_rows, run_table
+from .workload import SABOTAGES
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -60,6 +61,13 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         action="store_false",
         help="never reset spend (otherwise 2%% of requests reset a key's or a user's)",
     )
+    random.add_argument(
+        "--sabotage",
+        choices=SABOTAGES,
+        help="a deliberate bug in the pods, to see the checker fail: double-apply (a retry's "
+        "cost added twice), broken-fence (seeds skip the fencing-token check; resets and "
+        "slow snapshots make stale seeds likely)",
+    )
     add_cluster_flag(parser)
     add_server_flags(parser)
     parser.set_defaults(run=_chaos)
@@ -84,7 +92,13 @@ def _random(args: argparse.Namespace) -> int:
         raise CommandError("--only picks rows of the table; --random runs no table")
     if args.cluster:
         raise CommandError("--random restarts the counter store: it needs a single store")
-    options = Options(seconds=args.seconds, seed=args.seed, pods=args.pods, resets=args.resets)
+    options = Options(
+        seconds=args.seconds,
+        seed=args.seed,
+        pods=args.pods,
+        resets=args.resets,
+        sabotage=args.sabotage,
+    )
     with started_servers(args.redis_url, args.lock_url, args.pg_dsn) as env:
         verdict = run_random(env, options)
     if args.json:

@@ -44,6 +44,7 @@ from .common import ChaosError
 from .nemesis import Fault, Nemesis, schedule
 from .tcp_proxy import TcpProxy
 from .workload import (
+    BROKEN_FENCE_RESETS,
     BUDGET,
     RESETS,
     Batch,
@@ -205,7 +206,7 @@ def run_random(env: Deployment, options: Options) -> Verdict:
             entities=entities,
             resettable=tuple(i for i, (_, _, resets) in enumerate(ENTITIES) if resets),
             callers=options.callers,
-            resets=RESETS if options.resets else 0.0,
+            resets=_reset_share(options),
             sabotage=options.sabotage,
         )
         try:
@@ -243,6 +244,14 @@ def run_random(env: Deployment, options: Options) -> Verdict:
             sampled,
         ],
     )
+
+
+def _reset_share(options: Options) -> float:
+    """The share of requests followed by a reset: more of them under ``broken-fence``, whose
+    stale seeds need resets to land on."""
+    if not options.resets:
+        return 0.0
+    return BROKEN_FENCE_RESETS if options.sabotage == "broken-fence" else RESETS
 
 
 def _run(

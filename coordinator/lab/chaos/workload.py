@@ -26,12 +26,14 @@ from typing import Any
 import asyncpg
 from redis.asyncio import Redis
 
+from ... import store
 from ...budget import BudgetGuard, PostgresSpendSource
-from ...budget.guard import entity_ref
+from ...budget.guard import EntityId, Scope, entity_ref
 from ...coordinator import ReseedCoordinator
 from ...errors import ReseedError, SourceError
 from ..cliargs import describe
 from ..pods import Link
+from .common import ChaosError
 
 #: A budget no spend of a run reaches: every check reads every counter.
 BUDGET = 1e12
@@ -42,9 +44,22 @@ SHARED = 0.05  # of the records, the share that use an id any pod may send too
 SHARED_IDS = 40
 RESETS = 0.02  # of the requests, the share followed by a reset (by default)
 
-#: The lab-only fault the checker must catch: ``double-apply`` adds a retried request's
-#: cost to its counters again, as a record that ignored its markers would.
-SABOTAGES = ("double-apply",)
+#: The lab-only faults the checker must catch: ``double-apply`` adds a retried request's
+#: cost to its counters again, as a record that ignored its markers would; ``broken-fence``
+#: seeds without comparing the fencing token, so a rebuild whose snapshot predates a reset
+#: or a spend writes it all the same.
+SABOTAGES = ("double-apply", "broken-fence")
+#: With ``broken-fence``: the share of requests followed by a reset, and how long a pod
+#: holds a snapshot before seeding it. A stale seed needs a reset or a spend to land while
+#: a rebuild holds its read; these make that happen in every short run.
+BROKEN_FENCE_RESETS = 0.25
+BROKEN_FENCE_STALL = 0.3
+
+# The comparison ``broken-fence`` removes from the store's seed script.
+_FENCE_CHECK = """if redis.call('HGET', KEYS[2], 't') ~= ARGV[2] then
+  return {'fenced', false, redis.call('HGET', KEYS[2], 'g')}
+end
+"""
 
 
 @dataclass(frozen=True)
@@ -137,7 +152,10 @@ class _Outbox:
 
 async def random_pod(link: Link, plan: Plan) -> None:
     """A random-chaos pod (spawned): the workload until the parent says stop."""
-    source = await _connect(plan.dsn)
+    broken = plan.sabotage == "broken-fence"
+    if broken:
+        _break_fence()
+    source = await _connect(plan.dsn, _StaleSnapshots if broken else PostgresSpendSource)
     coordinator, guard = ledger_guard(plan, plan.store_url, source, plan.drain_interval)
     pod = _Pod(link, plan, guard, coordinator, source)
     try:
@@ -167,11 +185,30 @@ def ledger_guard(
     return coordinator, guard
 
 
-async def _connect(dsn: str) -> PostgresSpendSource:
+def _break_fence() -> None:
+    """Sabotage ``broken-fence``, in this (spawned) pod's process only: every counter store
+    built from now on registers seed scripts without the token comparison."""
+    broken = store._SEED.replace(_FENCE_CHECK, "")
+    if broken == store._SEED:
+        raise ChaosError("broken-fence: the store's seed script no longer has the token check")
+    store._SEED_APPLIED = store._SEED_APPLIED.replace(store._SEED, broken)
+    store._SEED = broken
+
+
+class _StaleSnapshots(PostgresSpendSource):
+    """Sabotage ``broken-fence``: a snapshot held for a while before it is seeded."""
+
+    async def snapshot(self, scope: Scope, entity_id: EntityId) -> tuple[float, list[str]]:
+        read = await super().snapshot(scope, entity_id)
+        await asyncio.sleep(BROKEN_FENCE_STALL)
+        return read
+
+
+async def _connect(dsn: str, kind: type[PostgresSpendSource]) -> PostgresSpendSource:
     """The spend source; a pod started while PostgreSQL is down waits for it."""
     while True:
         try:
-            return await PostgresSpendSource.connect(dsn, max_size=4)
+            return await kind.connect(dsn, max_size=4)
         except SourceError:
             await asyncio.sleep(0.5)
 
