@@ -46,6 +46,7 @@ from ..race import PodReport, percentile
 from ..servers import Servers, async_store_client, started_servers
 from .micro import MicroPlan, alternating, hot_path, lock_cost
 from .pool import PodPool, Round, Variant
+from .recovery import FULL_RECOVERY, QUICK_RECOVERY, RecoveryPlan, mass_recovery, plot_recovery
 from .report import format_report, plot, seed_wakeup, targets
 
 VARIANTS = (
@@ -64,6 +65,7 @@ class Plan:
     reps: int
     callers: int
     micro: MicroPlan
+    recovery: RecoveryPlan
 
 
 FULL = Plan(
@@ -73,6 +75,7 @@ FULL = Plan(
     reps=16,
     callers=8,
     micro=MicroPlan(blocks=10, hot_calls=2000, concurrencies=(1, 8, 64), lock_ops=200),
+    recovery=FULL_RECOVERY,
 )
 QUICK = Plan(
     mode="quick",
@@ -81,6 +84,7 @@ QUICK = Plan(
     reps=3,
     callers=8,
     micro=MicroPlan(blocks=4, hot_calls=500, concurrencies=(1, 8, 64), lock_ops=50),
+    recovery=QUICK_RECOVERY,
 )
 
 Progress = Callable[[str], None]
@@ -219,6 +223,7 @@ def run_bench(
     victim: RedisServer | None,
     progress: Progress,
     redis_binary: RedisBinary | None = None,
+    store: RedisServer | None = None,
 ) -> dict[str, Any]:
     """Every section in turn; the JSON document of the run."""
     started = time.time()
@@ -235,6 +240,8 @@ def run_bench(
     cells = cold_stampede(servers, plan, progress)
     hot = asyncio.run(hot_path(servers, plan.micro))
     progress("hot path done")
+    # It restarts the counter store (if embedded, else it is skipped).
+    recovery = mass_recovery(servers, store, plan.recovery, progress)
     # Last: it kills (and restarts) a lock master.
     lock = asyncio.run(lock_cost(servers.lock_urls, victim, plan.micro))
     progress("lock cost done")
@@ -262,6 +269,7 @@ def run_bench(
         "seed_wakeup": seed_wakeup(cells, plan.pods, plan.db_delays_ms),
         "hot_path": hot,
         "lock_cost": lock,
+        "mass_recovery": recovery,
         "targets": targets(cells, plan.pods, plan.db_delays_ms, hot),
     }
 
@@ -275,13 +283,17 @@ def write_outputs(document: dict[str, Any], out: Path) -> dict[str, str]:
         "json": out / f"bench-{document['mode']}-{stamp}.json",
         "table": out / f"bench{suffix}.txt",
         "plot": out / f"bench{suffix}.png",
+        "recovery_plot": out / f"bench-recovery{suffix}.png",
     }
     files = {"json": str(paths["json"]), "table": str(paths["table"])}
-    skipped = plot(document, paths["plot"])
-    if skipped is None:
-        files["plot"] = str(paths["plot"])
-    else:
-        document["notes"] = [*document.get("notes", []), skipped]
+    for name, skipped in (
+        ("plot", plot(document, paths["plot"])),
+        ("recovery_plot", plot_recovery(document["mass_recovery"], paths["recovery_plot"])),
+    ):
+        if skipped is None:
+            files[name] = str(paths[name])
+        else:
+            document["notes"] = [*document.get("notes", []), skipped]
     document["files"] = files
     paths["table"].write_text(format_report(document) + "\n")
     # pottery replaces json.dumps' default encoder on import: name the standard one.
@@ -358,7 +370,9 @@ def _bench(args: argparse.Namespace) -> int:
     ) as deployment:
         masters = deployment.masters
         victim = masters[-1] if len(masters) == 3 else None
-        document = run_bench(plan, deployment.servers, victim, progress, deployment.redis_binary)
+        document = run_bench(
+            plan, deployment.servers, victim, progress, deployment.redis_binary, deployment.store
+        )
     try:
         files = write_outputs(document, args.out)
     except OSError as exc:

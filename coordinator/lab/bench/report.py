@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..table import format_table
+from .recovery import format_recovery
 
 TARGETS = {
     "coordinated_db_reads_per_miss": 1.0,
@@ -249,7 +250,11 @@ def _summary(document: dict[str, Any]) -> list[str]:
 
 
 def format_report(document: dict[str, Any]) -> str:
-    return "\n".join(_stampede(document) + _summary(document))
+    recovery = document.get("mass_recovery")
+    lines = _stampede(document)
+    if recovery is not None:
+        lines += format_recovery(recovery)
+    return "\n".join(lines + _summary(document))
 
 
 def plot(document: dict[str, Any], path: Path) -> str | None:
