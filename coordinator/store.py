@@ -381,7 +381,9 @@ class CounterStore:
 
     async def take_token(self, key: str) -> tuple[int, float | None]:
         """A new fencing token for ``key``, and the counter if someone seeded it already."""
-        token, raw = await self._script(self._token, key)
+        # Sent again after a stale connection fails it: a replay only skips a token that
+        # nobody holds (a restarted store leaves every pooled connection stale).
+        token, raw = await self._script(self._token, key, idempotent=True)
         return int(token), None if raw is None else parse_stored(raw, key)
 
     async def seed(self, key: str, value: float, token: int, ttl: float | None) -> SeedOutcome:
@@ -562,9 +564,10 @@ class CounterStore:
         library's.
 
         A pooled connection left stale by a server restart fails its next command. Reads
-        and idempotent scripts are sent once more on a fresh connection; increments, token
-        grants and resets never are: if the first reply was lost, they may have been applied
-        already (which is why clients should be built with redis-py's retries off).
+        and idempotent scripts (token grants too: a replay only skips a token) are sent once
+        more on a fresh connection; increments and resets never are: if the first reply was
+        lost, they may have been applied already (which is why clients should be built with
+        redis-py's retries off).
         """
         try:
             if isinstance(self.client, RedisCluster) and self._unmapped:
