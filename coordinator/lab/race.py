@@ -45,6 +45,7 @@ from .cliargs import (
     describe,
     list_flag,
     non_negative,
+    positive,
     positive_int,
     print_json,
 )
@@ -60,7 +61,6 @@ TABLE = "reseed_race"
 QUERY = f"SELECT spend FROM {TABLE}, pg_sleep($2) WHERE id = $1"
 
 COUNTER_TTL = 60.0  # LiteLLM's spend counter TTL
-SOCKET_TIMEOUT = 0.5  # every strategy's store client is built as from_urls builds ours
 WAIT = 15.0  # the coordinator's deadline per call (its default)
 CALL_TIMEOUT = WAIT + 5.0  # outer bound on every caller, whatever the strategy
 START_LEAD = 0.1  # seconds from the last pod's arrival at the barrier to the start...
@@ -69,6 +69,17 @@ START_LEAD_PER_POD = 0.01  # ...plus this per pod
 
 class RaceError(CommandError):
     """The race could not be run: a server is unreachable or a pod failed or vanished."""
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """The pods' client timeouts in seconds: by default ``from_urls``'s, which fail fast, as
+    in production; every strategy's store client gets ``socket_timeout``. A run that must
+    count, not time, on a busy machine gives generous ones, lest a healthy server that was
+    merely descheduled be declared dead (store errors, a degraded lock, one more DB read)."""
+
+    socket_timeout: float = 0.5
+    lock_timeout: float = 0.3
 
 
 @dataclass(frozen=True)
@@ -82,6 +93,7 @@ class PodSpec:
     key: str
     row_id: str
     wake_on_seed: bool = True  # coordinated: losers wake on the seed's pub/sub message
+    timeouts: Timeouts = Timeouts()
 
 
 @dataclass
@@ -151,7 +163,8 @@ class Coordinated:
         self.coordinator = ReseedCoordinator.from_urls(
             spec.servers.redis_url,
             lock_urls=list(spec.servers.lock_urls),
-            socket_timeout=SOCKET_TIMEOUT,
+            socket_timeout=spec.timeouts.socket_timeout,
+            lock_timeout=spec.timeouts.lock_timeout,
             ttl=COUNTER_TTL,
             wait=WAIT,
             wake_on_seed=spec.wake_on_seed,
@@ -176,8 +189,8 @@ class PerProcess:
         self.client = async_store_client(
             spec.servers.redis_url,
             retry=Retry(NoBackoff(), 1),
-            socket_timeout=SOCKET_TIMEOUT,
-            socket_connect_timeout=SOCKET_TIMEOUT,
+            socket_timeout=spec.timeouts.socket_timeout,
+            socket_connect_timeout=spec.timeouts.socket_timeout,
         )
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
 
@@ -430,6 +443,7 @@ def run_race(
     callers: int = 16,
     db_delay_ms: float = 50.0,
     db_value: float = 100.0,
+    timeouts: Timeouts = Timeouts(),
 ) -> RaceResult:
     """Race ``pods`` processes of ``callers`` callers each on one cold counter.
 
@@ -450,6 +464,7 @@ def run_race(
         servers=servers,
         key=f"race:spend:key:{run_id}",
         row_id=run_id,
+        timeouts=timeouts,
     )
     asyncio.run(prepare_race(servers, run_id, db_value))
     reports = _run_pods(spec, pods)
@@ -559,8 +574,32 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         action="store_true",
         help="an embedded Redis Cluster (3 masters, 3 replicas) as the counter store",
     )
+    add_timeout_flags(parser)
     add_server_flags(parser)
     parser.set_defaults(run=_race)
+
+
+def add_timeout_flags(parser: argparse.ArgumentParser) -> None:
+    """--socket-timeout and --lock-timeout: the pods' :class:`Timeouts`."""
+    default = Timeouts()
+    parser.add_argument(
+        "--socket-timeout",
+        type=positive,
+        default=default.socket_timeout,
+        metavar="S",
+        help="the pods' counter store client timeout (from_urls's default: fail fast)",
+    )
+    parser.add_argument(
+        "--lock-timeout",
+        type=positive,
+        default=default.lock_timeout,
+        metavar="S",
+        help="the pods' lock master client timeout (from_urls's default: fail fast)",
+    )
+
+
+def timeouts_given(args: argparse.Namespace) -> Timeouts:
+    return Timeouts(args.socket_timeout, args.lock_timeout)
 
 
 def _race(args: argparse.Namespace) -> int:
@@ -576,6 +615,7 @@ def _race(args: argparse.Namespace) -> int:
                 callers=args.callers,
                 db_delay_ms=delay,
                 db_value=args.db_value,
+                timeouts=timeouts_given(args),
             )
             for pods in args.pods
             for delay in args.db_delay_ms
