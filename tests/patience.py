@@ -11,3 +11,5 @@ Fault tests keep the defaults, whose cost they measure.
 from __future__ import annotations
 
 PATIENT: dict[str, float] = {"socket_timeout": 5.0, "lock_timeout": 5.0}
+# The same, as the race and bench commands take them.
+PATIENT_FLAGS = [f"--{name.replace('_', '-')}={seconds:g}" for name, seconds in PATIENT.items()]

@@ -14,7 +14,7 @@ import subprocess
 import sys
 
 import pytest
-from patience import PATIENT
+from patience import PATIENT, PATIENT_FLAGS
 
 from coordinator.lab import cli, race
 from coordinator.lab.embedded import EmbeddedServers
@@ -24,7 +24,6 @@ from coordinator.lab.servers import Servers
 
 DB_VALUE = 123.25
 PATIENT_TIMEOUTS = Timeouts(**PATIENT)
-PATIENT_FLAGS = [f"--{name.replace('_', '-')}={seconds:g}" for name, seconds in PATIENT.items()]
 
 
 @pytest.fixture(scope="module")

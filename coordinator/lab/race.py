@@ -82,6 +82,9 @@ class Timeouts:
     lock_timeout: float = 0.3
 
 
+FAIL_FAST = Timeouts()
+
+
 @dataclass(frozen=True)
 class PodSpec:
     """Everything a pod needs for one race; pickled to each spawned interpreter."""
@@ -93,7 +96,7 @@ class PodSpec:
     key: str
     row_id: str
     wake_on_seed: bool = True  # coordinated: losers wake on the seed's pub/sub message
-    timeouts: Timeouts = Timeouts()
+    timeouts: Timeouts = FAIL_FAST
 
 
 @dataclass
@@ -443,7 +446,7 @@ def run_race(
     callers: int = 16,
     db_delay_ms: float = 50.0,
     db_value: float = 100.0,
-    timeouts: Timeouts = Timeouts(),
+    timeouts: Timeouts = FAIL_FAST,
 ) -> RaceResult:
     """Race ``pods`` processes of ``callers`` callers each on one cold counter.
 
@@ -581,18 +584,17 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 def add_timeout_flags(parser: argparse.ArgumentParser) -> None:
     """--socket-timeout and --lock-timeout: the pods' :class:`Timeouts`."""
-    default = Timeouts()
     parser.add_argument(
         "--socket-timeout",
         type=positive,
-        default=default.socket_timeout,
+        default=FAIL_FAST.socket_timeout,
         metavar="S",
         help="the pods' counter store client timeout (from_urls's default: fail fast)",
     )
     parser.add_argument(
         "--lock-timeout",
         type=positive,
-        default=default.lock_timeout,
+        default=FAIL_FAST.lock_timeout,
         metavar="S",
         help="the pods' lock master client timeout (from_urls's default: fail fast)",
     )

@@ -42,7 +42,7 @@ from ..cliargs import (
     print_json,
 )
 from ..embedded import RedisBinary, RedisServer
-from ..race import PodReport, percentile
+from ..race import FAIL_FAST, PodReport, Timeouts, add_timeout_flags, percentile, timeouts_given
 from ..servers import Servers, started_servers
 from .micro import MicroPlan, alternating, hot_path, lock_cost
 from .pool import PodPool, Round, Variant
@@ -158,10 +158,13 @@ def _cell(rounds: Sequence[Round], callers: int) -> dict[str, Any]:
     }
 
 
-def cold_stampede(servers: Servers, plan: Plan, progress: Progress) -> list[dict[str, Any]]:
+def cold_stampede(
+    servers: Servers, plan: Plan, progress: Progress, timeouts: Timeouts
+) -> list[dict[str, Any]]:
     names = [variant.name for variant in VARIANTS]
     cells = []
-    with PodPool(servers, VARIANTS, size=max(plan.pods), callers=plan.callers) as pool:
+    pool = PodPool(servers, VARIANTS, size=max(plan.pods), callers=plan.callers, timeouts=timeouts)
+    with pool:
         for delay in plan.db_delays_ms:
             for pods in plan.pods:
                 rounds: dict[str, list[Round]] = {name: [] for name in names}
@@ -219,6 +222,7 @@ def run_bench(
     victim: RedisServer | None,
     progress: Progress,
     redis_binary: RedisBinary | None = None,
+    timeouts: Timeouts = FAIL_FAST,
 ) -> dict[str, Any]:
     """Every section in turn; the JSON document of the run."""
     started = time.time()
@@ -232,11 +236,11 @@ def run_bench(
         "asyncpg": _version("asyncpg"),
         **asyncio.run(_server_versions(servers)),
     }
-    cells = cold_stampede(servers, plan, progress)
-    hot = asyncio.run(hot_path(servers, plan.micro))
+    cells = cold_stampede(servers, plan, progress, timeouts)
+    hot = asyncio.run(hot_path(servers, plan.micro, timeouts))
     progress("hot path done")
     # Last: it kills (and restarts) a lock master.
-    lock = asyncio.run(lock_cost(servers.lock_urls, victim, plan.micro))
+    lock = asyncio.run(lock_cost(servers.lock_urls, victim, plan.micro, timeouts))
     progress("lock cost done")
     return {
         "bench": "reseed-coordinator",
@@ -246,6 +250,7 @@ def run_bench(
         ),
         "duration_s": round(time.time() - started, 1),
         "plan": asdict(plan),
+        "timeouts": asdict(timeouts),
         "versions": versions,
         "machine": {
             "cores": os.cpu_count(),
@@ -330,6 +335,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "--reps", type=positive_int, help="repetitions per cell (default: 16, --quick 3)"
     )
     parser.add_argument("--callers", type=positive_int, help="callers per pod (default: 8)")
+    add_timeout_flags(parser)
     add_server_flags(parser)
     parser.set_defaults(run=_bench)
 
@@ -355,7 +361,14 @@ def _bench(args: argparse.Namespace) -> int:
     with started_servers(args.redis_url, args.lock_url, args.pg_dsn) as deployment:
         masters = deployment.masters
         victim = masters[-1] if len(masters) == 3 else None
-        document = run_bench(plan, deployment.servers, victim, progress, deployment.redis_binary)
+        document = run_bench(
+            plan,
+            deployment.servers,
+            victim,
+            progress,
+            deployment.redis_binary,
+            timeouts_given(args),
+        )
     try:
         files = write_outputs(document, args.out)
     except OSError as exc:

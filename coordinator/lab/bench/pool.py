@@ -27,10 +27,12 @@ from ...values import parse_stored
 from ..pods import SETUP_TIMEOUT, Fleet, Link, Pod, sleep_until, start_at
 from ..race import (
     CALL_TIMEOUT,
+    FAIL_FAST,
     Contender,
     PodReport,
     PodSpec,
     Strategy,
+    Timeouts,
     open_contender,
     open_source,
     prepare_race,
@@ -63,6 +65,7 @@ class _Setup:
     callers: int
     row_id: str
     prefix: str
+    timeouts: Timeouts
 
     def spec(self, variant: Variant, key: str, db_delay_ms: float) -> PodSpec:
         return PodSpec(
@@ -73,6 +76,7 @@ class _Setup:
             key=key,
             row_id=self.row_id,
             wake_on_seed=variant.wake_on_seed,
+            timeouts=self.timeouts,
         )
 
     def warm_key(self, index: int, variant: Variant) -> str:
@@ -138,12 +142,13 @@ class PodPool:
         size: int,
         callers: int,
         db_value: float = 100.0,
+        timeouts: Timeouts = FAIL_FAST,
     ) -> None:
         run_id = uuid.uuid4().hex[:12]
         self.size = size
         self.db_value = db_value
         self._setup = _Setup(
-            servers, tuple(variants), callers, f"bench-{run_id}", f"bench:{run_id}"
+            servers, tuple(variants), callers, f"bench-{run_id}", f"bench:{run_id}", timeouts
         )
         self._fleet = Fleet("bench-pod-")
         self._members: list[Pod] = []
