@@ -14,16 +14,15 @@ import subprocess
 import sys
 
 import pytest
-from patience import PATIENT, PATIENT_FLAGS
+from patience import PATIENT_FLAGS, PATIENT_TIMEOUTS
 
 from coordinator.lab import cli, race
 from coordinator.lab.embedded import EmbeddedServers
 from coordinator.lab.pods import Link
-from coordinator.lab.race import PodSpec, RaceError, RaceResult, Strategy, Timeouts, run_race
+from coordinator.lab.race import PodSpec, RaceError, RaceResult, Strategy, run_race
 from coordinator.lab.servers import Servers
 
 DB_VALUE = 123.25
-PATIENT_TIMEOUTS = Timeouts(**PATIENT)
 
 
 @pytest.fixture(scope="module")

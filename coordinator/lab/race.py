@@ -49,7 +49,7 @@ from .cliargs import (
     positive_int,
     print_json,
 )
-from .pods import SETUP_TIMEOUT, Fleet, Link
+from .pods import FAIL_FAST, SETUP_TIMEOUT, Fleet, Link, Timeouts
 from .servers import Deployment, Servers, async_store_client, started_servers, unreachable
 from .table import format_table, number
 
@@ -70,19 +70,6 @@ START_LEAD_PER_POD = 0.01  # ...plus this per pod
 class RaceError(CommandError):
     """The race could not be run: a server is unreachable or a pod failed or vanished."""
 
-
-@dataclass(frozen=True)
-class Timeouts:
-    """The pods' client timeouts in seconds: by default ``from_urls``'s, which fail fast, as
-    in production; every strategy's store client gets ``socket_timeout``. A run that must
-    count, not time, on a busy machine gives generous ones, lest a healthy server that was
-    merely descheduled be declared dead (store errors, a degraded lock, one more DB read)."""
-
-    socket_timeout: float = 0.5
-    lock_timeout: float = 0.3
-
-
-FAIL_FAST = Timeouts()
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,8 @@ from ..cliargs import (
     print_json,
 )
 from ..embedded import RedisBinary, RedisServer
-from ..race import FAIL_FAST, PodReport, Timeouts, add_timeout_flags, percentile, timeouts_given
+from ..pods import FAIL_FAST, Timeouts
+from ..race import PodReport, add_timeout_flags, percentile, timeouts_given
 from ..servers import Servers, started_servers
 from .micro import MicroPlan, alternating, hot_path, lock_cost
 from .pool import PodPool, Round, Variant
@@ -250,7 +251,7 @@ def run_bench(
         ),
         "duration_s": round(time.time() - started, 1),
         "plan": asdict(plan),
-        "timeouts": asdict(timeouts),
+        "timeouts": timeouts.options(),
         "versions": versions,
         "machine": {
             "cores": os.cpu_count(),

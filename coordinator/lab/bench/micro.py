@@ -21,7 +21,8 @@ from ...coordinator import ReseedCoordinator
 from ...keys import fence_key
 from ...lock import LeaseManager, QuorumUnavailable, lock_client
 from ..embedded import RedisServer
-from ..race import Timeouts, percentile
+from ..pods import Timeouts
+from ..race import percentile
 from ..servers import Servers
 
 Call = Callable[[], Awaitable[object]]

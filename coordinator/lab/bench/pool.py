@@ -24,15 +24,13 @@ from redis import Redis
 
 from ...keys import fence_key
 from ...values import parse_stored
-from ..pods import SETUP_TIMEOUT, Fleet, Link, Pod, sleep_until, start_at
+from ..pods import FAIL_FAST, SETUP_TIMEOUT, Fleet, Link, Pod, Timeouts, sleep_until, start_at
 from ..race import (
     CALL_TIMEOUT,
-    FAIL_FAST,
     Contender,
     PodReport,
     PodSpec,
     Strategy,
-    Timeouts,
     open_contender,
     open_source,
     prepare_race,
