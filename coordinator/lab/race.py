@@ -576,14 +576,14 @@ def add_timeout_flags(parser: argparse.ArgumentParser) -> None:
         type=positive,
         default=FAIL_FAST.socket_timeout,
         metavar="S",
-        help="the pods' counter store client timeout (from_urls's default: fail fast)",
+        help="the pods' counter store client timeout in seconds (from_urls's: fail fast)",
     )
     parser.add_argument(
         "--lock-timeout",
         type=positive,
         default=FAIL_FAST.lock_timeout,
         metavar="S",
-        help="the pods' lock master client timeout (from_urls's default: fail fast)",
+        help="the pods' lock master client timeout in seconds (from_urls's: fail fast)",
     )
 
 
