@@ -571,20 +571,15 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 def add_timeout_flags(parser: argparse.ArgumentParser) -> None:
     """--socket-timeout and --lock-timeout: the pods' :class:`Timeouts`."""
-    parser.add_argument(
-        "--socket-timeout",
-        type=positive,
-        default=FAIL_FAST.socket_timeout,
-        metavar="S",
-        help="the pods' counter store client timeout in seconds (from_urls's: fail fast)",
-    )
-    parser.add_argument(
-        "--lock-timeout",
-        type=positive,
-        default=FAIL_FAST.lock_timeout,
-        metavar="S",
-        help="the pods' lock master client timeout in seconds (from_urls's: fail fast)",
-    )
+    clients = {"socket_timeout": "counter store", "lock_timeout": "lock master"}
+    for name, default in FAIL_FAST.options().items():
+        parser.add_argument(
+            f"--{name.replace('_', '-')}",
+            type=positive,
+            default=default,
+            metavar="S",
+            help=f"the pods' {clients[name]} client timeout in seconds (from_urls's: fail fast)",
+        )
 
 
 def timeouts_given(args: argparse.Namespace) -> Timeouts:
