@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
+from patience import PATIENT
 from redis.asyncio import Redis
 
 from coordinator import ReseedCoordinator
@@ -50,13 +51,6 @@ async def store(servers: EmbeddedServers) -> AsyncIterator[Redis]:
     await client.aclose()
 
 
-# The shared servers are never faulted, so their clients' timeouts only guard against a hang:
-# sized for a starved machine, where the fail-fast defaults (0.5 s, 0.3 s) can run out on a
-# burst of connects and turn a healthy run into store errors or a degraded lock. Fault tests
-# (``own_servers``) keep the defaults, whose cost they measure.
-PATIENT = {"socket_timeout": 5.0, "lock_timeout": 5.0}
-
-
 def _factory(
     env: EmbeddedServers, defaults: dict[str, float] | None = None
 ) -> tuple[Callable[..., ReseedCoordinator], Callable[[], Awaitable[None]]]:
@@ -81,7 +75,7 @@ async def make_coordinator(
     servers: EmbeddedServers, store: Redis
 ) -> AsyncIterator[CoordFactory]:
     """Coordinators with their own clients (each one behaves as a separate pod)."""
-    make, close = _factory(servers, PATIENT)
+    make, close = _factory(servers, PATIENT)  # the shared servers are never faulted
     yield make
     await close()
 

@@ -1,7 +1,8 @@
 """``python -m coordinator bench --quick --json``: the document's shape and its exact counts.
 
 Timings are the bench's output, never asserted here; the counts (DB reads, final counter
-over the DB value) are the strategies' defining properties, so they are exact.
+over the DB value) are the strategies' defining properties, so they are exact. The servers are
+healthy (but one lock master it kills), so the bench's clients are ``PATIENT``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from patience import PATIENT, PATIENT_FLAGS
 
 from coordinator.lab.bench.command import VARIANTS
 from coordinator.lab.bench.report import format_report, plot
@@ -33,6 +35,7 @@ def quick(servers: EmbeddedServers, tmp_path_factory: pytest.TempPathFactory) ->
             *(sys.executable, "-m", "coordinator", "bench", "--quick", "--json"),
             *("--out", str(out), "--redis-url", servers.redis[0].url),
             *("--pg-dsn", servers.postgres.dsn),
+            *PATIENT_FLAGS,
         ],
         capture_output=True,
         text=True,
@@ -90,6 +93,7 @@ def test_sections_and_metadata(quick: dict[str, Any]) -> None:
         assert quick["versions"][name]
     machine = quick["machine"]
     assert machine["cores"] == os.cpu_count()  # this machine's, not a placeholder
+    assert quick["timeouts"] == PATIENT
     assert len(machine["load_average_before"]) == len(machine["load_average_after"]) == 3
 
 

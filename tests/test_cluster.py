@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
+from patience import PATIENT_TIMEOUTS
 from redis.asyncio import Redis
 from redis.crc import key_slot
 from test_doctor import COUNTERS, FLAGGED, ROWS, TO_FIX, insert_rows, seed_counters, shipped_schema
@@ -92,7 +93,9 @@ def test_race_of_eight_pods_reads_the_db_once(
     assert servers.postgres is not None
     cluster.wait_ok()
     urls = Servers(cluster.url, tuple(s.url for s in servers.redis[1:4]), servers.postgres.dsn)
-    result = run_race("coordinated", urls, pods=8, callers=8, db_value=100.0)
+    result = run_race(
+        "coordinated", urls, pods=8, callers=8, db_value=100.0, timeouts=PATIENT_TIMEOUTS
+    )
     assert (result.db_reads, result.final_counter, result.errors) == (1, 100.0, 0)
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+from patience import PATIENT
 from pods import GATE_TIMEOUT, TABLE, Links, PodSpec, run
 from redis import Redis
 
@@ -80,6 +81,8 @@ def rows(servers: EmbeddedServers) -> Rows:
 
 
 def pod_spec(env: EmbeddedServers, dsn: str, name: str, key: str, **fields: Any) -> PodSpec:
+    # No server is faulted while calls are in flight: PATIENT clients, as in conftest.
+    fields["options"] = {**PATIENT, **fields.get("options", {})}
     return PodSpec(
         name=name,
         store_url=env.redis[0].url,

@@ -1,7 +1,8 @@
 """The multi-process race (``python -m coordinator race``) on the session's real servers.
 
 Every race spawns real OS processes; the counts asserted here (DB reads, final counter) are
-the whole point of the three strategies, so they are exact.
+the whole point of the three strategies, so they are exact. The servers are healthy, so the
+pods' clients are ``PATIENT`` (``--socket-timeout``/``--lock-timeout`` on the command line).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import subprocess
 import sys
 
 import pytest
+from patience import PATIENT_FLAGS, PATIENT_TIMEOUTS
 
 from coordinator.lab import cli, race
 from coordinator.lab.embedded import EmbeddedServers
@@ -34,7 +36,9 @@ def race_servers(servers: EmbeddedServers) -> Servers:
 
 
 def _race(servers: Servers, strategy: Strategy, pods: int, callers: int = 8) -> RaceResult:
-    result = run_race(strategy, servers, pods=pods, callers=callers, db_value=DB_VALUE)
+    result = run_race(
+        strategy, servers, pods=pods, callers=callers, db_value=DB_VALUE, timeouts=PATIENT_TIMEOUTS
+    )
     assert result.errors == 0, result.error_types
     assert (result.pods, result.callers, result.db_value) == (pods, callers, DB_VALUE)
     return result
@@ -92,7 +96,16 @@ def test_cli_prints_one_json_object(race_servers: Servers) -> None:
 
 def _server_args(servers: Servers) -> list[str]:
     locks = [arg for url in servers.lock_urls for arg in ("--lock-url", url)]
-    return ["--redis-url", servers.redis_url, *locks, "--pg-dsn", servers.pg_dsn]
+    return ["--redis-url", servers.redis_url, *locks, "--pg-dsn", servers.pg_dsn, *PATIENT_FLAGS]
+
+
+@pytest.mark.parametrize("flag", ["--socket-timeout", "--lock-timeout"])
+def test_a_timeout_must_be_positive(flag: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["race", flag, "0"])
+
+    assert exited.value.code == 2
+    assert "expected a number > 0, got 0" in capsys.readouterr().err
 
 
 def test_all_strategies_print_one_table(

@@ -42,6 +42,13 @@ def non_negative(text: str) -> float:
     return value
 
 
+def positive(text: str) -> float:
+    value = non_negative(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
+    return value
+
+
 class HelpFormatter(argparse.HelpFormatter):
     """Every default written one way, ``(default: X)``: added to each help that has a
     default and does not say it already (a default of None is said in the help itself)."""

@@ -27,6 +27,7 @@ from .cliargs import (
     positive_int,
     print_json,
 )
+from .pods import PATIENT
 from .serve import LOCK_URLS, PG_DSN, REDIS_URL
 from .servers import async_store_client
 from .table import format_table, number
@@ -213,8 +214,10 @@ async def _examine_and_fix(
     if not args.json:
         print(format_report(report))
     if args.fix and fixable and (args.yes or _confirm(len(fixable))):
+        # A repair, not a hot path: like the scan's client, patient rather than fail-fast, so
+        # that a busy server fails no rebuild.
         async with ReseedCoordinator.from_urls(
-            args.redis_url, lock_urls=args.lock_url, ttl=float(args.ttl)
+            args.redis_url, lock_urls=args.lock_url, ttl=float(args.ttl), **PATIENT.options()
         ) as coordinator:
             await doctor.fix(fixable, coordinator)
         if not args.json:

@@ -24,7 +24,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from multiprocessing.context import SpawnProcess
 from multiprocessing.queues import Queue
 from multiprocessing.sharedctypes import Synchronized
@@ -44,6 +44,7 @@ __all__ = [
     "Ready",
     "StartLine",
     "StartLineBroken",
+    "Timeouts",
     "sleep_until",
     "start_at",
 ]
@@ -55,6 +56,25 @@ POLL = 0.02  # how long a sweep of the pods' queues that found nothing waits on 
 
 E = TypeVar("E")
 Workload = Callable[..., Coroutine[Any, Any, None]]
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """A pod's client timeouts in seconds: by default ``from_urls``'s, which fail fast, as in
+    production. A run that counts rather than times on a busy machine (or faults another
+    server) gives its healthy servers ``PATIENT`` ones, lest one that was merely descheduled
+    be declared dead (store errors, a degraded lock, one more DB read)."""
+
+    socket_timeout: float = 0.5
+    lock_timeout: float = 0.3
+
+    def options(self) -> dict[str, Any]:
+        """As ``from_urls`` (and a chaos profile) takes them."""
+        return asdict(self)
+
+
+FAIL_FAST = Timeouts()
+PATIENT = Timeouts(socket_timeout=5.0, lock_timeout=5.0)
 
 
 class PodError(CommandError):

@@ -46,10 +46,11 @@ from .cliargs import (
     describe,
     list_flag,
     non_negative,
+    positive,
     positive_int,
     print_json,
 )
-from .pods import SETUP_TIMEOUT, Fleet, Link
+from .pods import FAIL_FAST, SETUP_TIMEOUT, Fleet, Link, Timeouts
 from .servers import Deployment, Servers, async_store_client, started_servers, unreachable
 from .table import format_table, number
 
@@ -61,7 +62,6 @@ TABLE = "reseed_race"
 QUERY = f"SELECT spend FROM {TABLE}, pg_sleep($2) WHERE id = $1"
 
 COUNTER_TTL = 60.0  # LiteLLM's spend counter TTL
-SOCKET_TIMEOUT = 0.5  # every strategy's store client is built as from_urls builds ours
 WAIT = 15.0  # the coordinator's deadline per call (its default)
 CALL_TIMEOUT = WAIT + 5.0  # outer bound on every caller, whatever the strategy
 START_LEAD = 0.1  # seconds from the last pod's arrival at the barrier to the start...
@@ -70,6 +70,7 @@ START_LEAD_PER_POD = 0.01  # ...plus this per pod
 
 class RaceError(CommandError):
     """The race could not be run: a server is unreachable or a pod failed or vanished."""
+
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,7 @@ class PodSpec:
     key: str
     row_id: str
     wake_on_seed: bool = True  # coordinated: losers wake on the seed's pub/sub message
+    timeouts: Timeouts = FAIL_FAST
 
 
 @dataclass
@@ -152,7 +154,8 @@ class Coordinated:
         self.coordinator = ReseedCoordinator.from_urls(
             spec.servers.redis_url,
             lock_urls=list(spec.servers.lock_urls),
-            socket_timeout=SOCKET_TIMEOUT,
+            socket_timeout=spec.timeouts.socket_timeout,
+            lock_timeout=spec.timeouts.lock_timeout,
             ttl=COUNTER_TTL,
             wait=WAIT,
             wake_on_seed=spec.wake_on_seed,
@@ -177,8 +180,8 @@ class PerProcess:
         self.client = async_store_client(
             spec.servers.redis_url,
             retry=Retry(NoBackoff(), 1),
-            socket_timeout=SOCKET_TIMEOUT,
-            socket_connect_timeout=SOCKET_TIMEOUT,
+            socket_timeout=spec.timeouts.socket_timeout,
+            socket_connect_timeout=spec.timeouts.socket_timeout,
         )
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
 
@@ -431,6 +434,7 @@ def run_race(
     callers: int = 16,
     db_delay_ms: float = 50.0,
     db_value: float = 100.0,
+    timeouts: Timeouts = FAIL_FAST,
 ) -> RaceResult:
     """Race ``pods`` processes of ``callers`` callers each on one cold counter.
 
@@ -451,6 +455,7 @@ def run_race(
         servers=servers,
         key=f"race:spend:key:{run_id}",
         row_id=run_id,
+        timeouts=timeouts,
     )
     asyncio.run(prepare_race(servers, run_id, db_value))
     reports = _run_pods(spec, pods)
@@ -556,8 +561,26 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="print JSON: one object for one race, else a list (each with the redis-server)",
     )
     add_cluster_flag(parser)
+    add_timeout_flags(parser)
     add_server_flags(parser)
     parser.set_defaults(run=_race)
+
+
+def add_timeout_flags(parser: argparse.ArgumentParser) -> None:
+    """--socket-timeout and --lock-timeout: the pods' :class:`Timeouts`."""
+    clients = {"socket_timeout": "counter store", "lock_timeout": "lock master"}
+    for name, default in FAIL_FAST.options().items():
+        parser.add_argument(
+            f"--{name.replace('_', '-')}",
+            type=positive,
+            default=default,
+            metavar="S",
+            help=f"the pods' {clients[name]} client timeout in seconds (from_urls's: fail fast)",
+        )
+
+
+def timeouts_given(args: argparse.Namespace) -> Timeouts:
+    return Timeouts(args.socket_timeout, args.lock_timeout)
 
 
 def _race(args: argparse.Namespace) -> int:
@@ -573,6 +596,7 @@ def _race(args: argparse.Namespace) -> int:
                 callers=args.callers,
                 db_delay_ms=delay,
                 db_value=args.db_value,
+                timeouts=timeouts_given(args),
             )
             for pods in args.pods
             for delay in args.db_delay_ms

@@ -1,7 +1,8 @@
 """Lock contention across real processes: P pods (spawned OS processes, each with its own
 coordinator and PostgreSQL pool) x C concurrent callers, released together onto cold or hot
 counters whose values are PostgreSQL rows. The pods are ``coordinator.lab.chaos`` pods, shared by
-the whole module (spawned once, up to 16).
+the whole module (spawned once, up to 16). The servers are healthy, so the pods' clients are
+``PATIENT``: on a busy machine a descheduled server must not be declared dead here.
 
 Every call is also judged as in the fault table (``Run.judge``): it ended with a value (or a
 typed error) within its deadline, never above the DB value plus the increments applied.
@@ -13,9 +14,11 @@ import time
 from collections.abc import Iterator, Sequence
 
 import pytest
+from patience import PATIENT
 
 from coordinator.lab.chaos import (
     Lab,
+    Profile,
     Report,
     Run,
     loads,
@@ -51,11 +54,16 @@ def expire(run: Run, key: str) -> float | None:
     return None if raw is None else float(raw)
 
 
+def patient(run: Run, **options: float) -> Profile:
+    """The pods' options: the deadline, ``PATIENT`` client timeouts, and ``options``."""
+    return run.profile(wait=WAIT, **PATIENT, **options)
+
+
 def race(
     run: Run, pods: int, *keys: str, lease: float = 10.0, lease_extensions: int = 3, **work: object
 ) -> list[Report]:
     """``pods`` pods released together onto ``keys``; their reports."""
-    profile = run.profile(wait=WAIT, lease=lease, lease_extensions=lease_extensions)
+    profile = patient(run, lease=lease, lease_extensions=lease_extensions)
     fleet = run.pods(pods, profile)
     return run.fleet.finish(run.fleet.start_together(fleet, run.work(profile, *keys, **work)))
 
@@ -133,7 +141,7 @@ def test_hot_keys_expiring_while_increments_flow_lose_and_inflate_nothing(
 ) -> None:
     db_values = {run.key(1000.0 * i): 1000.0 * i for i in (1, 2, 3)}
     keys = tuple(db_values)
-    profile = run.profile(wait=WAIT, lease=5.0)
+    profile = patient(run, lease=5.0)
     fleet = run.pods(pods, profile)
     work = run.work(profile, *keys, ops=("get", "add"), callers=6, duration=2.0, pace=0.005)
     tickets = run.fleet.start_together(fleet, work)

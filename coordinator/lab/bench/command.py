@@ -42,7 +42,8 @@ from ..cliargs import (
     print_json,
 )
 from ..embedded import RedisBinary, RedisServer
-from ..race import PodReport, percentile
+from ..pods import FAIL_FAST, Timeouts
+from ..race import PodReport, add_timeout_flags, percentile, timeouts_given
 from ..servers import Servers, async_store_client, started_servers
 from .micro import MicroPlan, alternating, hot_path, lock_cost
 from .pool import PodPool, Round, Variant
@@ -162,10 +163,13 @@ def _cell(rounds: Sequence[Round], callers: int) -> dict[str, Any]:
     }
 
 
-def cold_stampede(servers: Servers, plan: Plan, progress: Progress) -> list[dict[str, Any]]:
+def cold_stampede(
+    servers: Servers, plan: Plan, progress: Progress, timeouts: Timeouts
+) -> list[dict[str, Any]]:
     names = [variant.name for variant in VARIANTS]
     cells = []
-    with PodPool(servers, VARIANTS, size=max(plan.pods), callers=plan.callers) as pool:
+    pool = PodPool(servers, VARIANTS, size=max(plan.pods), callers=plan.callers, timeouts=timeouts)
+    with pool:
         for delay in plan.db_delays_ms:
             for pods in plan.pods:
                 rounds: dict[str, list[Round]] = {name: [] for name in names}
@@ -224,6 +228,7 @@ def run_bench(
     progress: Progress,
     redis_binary: RedisBinary | None = None,
     store: RedisServer | None = None,
+    timeouts: Timeouts = FAIL_FAST,
 ) -> dict[str, Any]:
     """Every section in turn; the JSON document of the run."""
     started = time.time()
@@ -237,13 +242,13 @@ def run_bench(
         "asyncpg": _version("asyncpg"),
         **asyncio.run(_server_versions(servers)),
     }
-    cells = cold_stampede(servers, plan, progress)
-    hot = asyncio.run(hot_path(servers, plan.micro))
+    cells = cold_stampede(servers, plan, progress, timeouts)
+    hot = asyncio.run(hot_path(servers, plan.micro, timeouts))
     progress("hot path done")
     # It restarts the counter store (if embedded, else it is skipped).
     recovery = mass_recovery(servers, store, plan.recovery, progress)
     # Last: it kills (and restarts) a lock master.
-    lock = asyncio.run(lock_cost(servers.lock_urls, victim, plan.micro))
+    lock = asyncio.run(lock_cost(servers.lock_urls, victim, plan.micro, timeouts))
     progress("lock cost done")
     return {
         "bench": "reseed-coordinator",
@@ -253,6 +258,7 @@ def run_bench(
         ),
         "duration_s": round(time.time() - started, 1),
         "plan": asdict(plan),
+        "timeouts": timeouts.options(),
         "versions": versions,
         "machine": {
             "cores": os.cpu_count(),
@@ -343,6 +349,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     parser.add_argument("--callers", type=positive_int, help="callers per pod (default: 8)")
     add_cluster_flag(parser)
+    add_timeout_flags(parser)
     add_server_flags(parser)
     parser.set_defaults(run=_bench)
 
@@ -371,7 +378,13 @@ def _bench(args: argparse.Namespace) -> int:
         masters = deployment.masters
         victim = masters[-1] if len(masters) == 3 else None
         document = run_bench(
-            plan, deployment.servers, victim, progress, deployment.redis_binary, deployment.store
+            plan,
+            deployment.servers,
+            victim,
+            progress,
+            deployment.redis_binary,
+            deployment.store,
+            timeouts_given(args),
         )
     try:
         files = write_outputs(document, args.out)

@@ -21,6 +21,7 @@ from ...coordinator import ReseedCoordinator
 from ...keys import fence_key
 from ...lock import LeaseManager, QuorumUnavailable, lock_client
 from ..embedded import RedisServer
+from ..pods import Timeouts
 from ..race import percentile
 from ..servers import Servers
 
@@ -62,11 +63,15 @@ async def _rate(call: Call, concurrency: int, calls: int) -> float:
     return each * concurrency / (time.perf_counter() - started)
 
 
-async def hot_path(servers: Servers, plan: MicroPlan) -> dict[str, Any]:
+async def hot_path(servers: Servers, plan: MicroPlan, timeouts: Timeouts) -> dict[str, Any]:
     """``get`` on a present counter against a raw ``GET`` on the coordinator's own client."""
     key = f"bench:hot:{uuid.uuid4().hex[:12]}"
     coordinator = ReseedCoordinator.from_urls(
-        servers.redis_url, lock_urls=list(servers.lock_urls), ttl=None
+        servers.redis_url,
+        lock_urls=list(servers.lock_urls),
+        socket_timeout=timeouts.socket_timeout,
+        lock_timeout=timeouts.lock_timeout,
+        ttl=None,
     )
 
     async def load() -> float:
@@ -173,12 +178,12 @@ async def _lock_blocks(
 
 
 async def lock_cost(
-    lock_urls: Sequence[str], victim: RedisServer | None, plan: MicroPlan
+    lock_urls: Sequence[str], victim: RedisServer | None, plan: MicroPlan, timeouts: Timeouts
 ) -> dict[str, Any]:
     """Lease acquire+release on 1 and 3 masters, and (when ``victim``, the third master,
     is ours to kill) on 3 masters with that one down: killed before its block, restarted
     after, and reconnected outside the timing."""
-    clients = [lock_client(url) for url in lock_urls[:3]]
+    clients = [lock_client(url, timeout=timeouts.lock_timeout) for url in lock_urls[:3]]
     managers = {"1 master": LeaseManager(clients[:1], duration=LEASE, extensions=None)}
     notes = []
     if len(clients) == 3:

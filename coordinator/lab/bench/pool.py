@@ -24,7 +24,7 @@ from redis import Redis
 
 from ...keys import fence_key
 from ...values import parse_stored
-from ..pods import SETUP_TIMEOUT, Fleet, Link, Pod, sleep_until, start_at
+from ..pods import FAIL_FAST, SETUP_TIMEOUT, Fleet, Link, Pod, Timeouts, sleep_until, start_at
 from ..race import (
     CALL_TIMEOUT,
     Contender,
@@ -63,6 +63,7 @@ class _Setup:
     callers: int
     row_id: str
     prefix: str
+    timeouts: Timeouts
 
     def spec(self, variant: Variant, key: str, db_delay_ms: float) -> PodSpec:
         return PodSpec(
@@ -73,6 +74,7 @@ class _Setup:
             key=key,
             row_id=self.row_id,
             wake_on_seed=variant.wake_on_seed,
+            timeouts=self.timeouts,
         )
 
     def warm_key(self, index: int, variant: Variant) -> str:
@@ -138,12 +140,13 @@ class PodPool:
         size: int,
         callers: int,
         db_value: float = 100.0,
+        timeouts: Timeouts = FAIL_FAST,
     ) -> None:
         run_id = uuid.uuid4().hex[:12]
         self.size = size
         self.db_value = db_value
         self._setup = _Setup(
-            servers, tuple(variants), callers, f"bench-{run_id}", f"bench:{run_id}"
+            servers, tuple(variants), callers, f"bench-{run_id}", f"bench:{run_id}", timeouts
         )
         self._fleet = Fleet("bench-pod-")
         self._members: list[Pod] = []

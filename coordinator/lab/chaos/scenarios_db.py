@@ -6,6 +6,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 
+from ..pods import PATIENT
 from .reports import errors, loads, max_wait, outcomes, values
 from .table import Run, scenario
 
@@ -15,7 +16,9 @@ def _db_fault(
 ) -> None:
     db_value, wait, pods = 31.0, 1.5, 2
     key = run.key(db_value)
-    profile = run.profile(wait=wait)
+    # The fault is the DB's: Redis is healthy, and on a busy machine fail-fast timeouts could
+    # declare it dead, a StoreError where the row expects the DB's own error.
+    profile = run.profile(wait=wait, **PATIENT.options())
     *fleet, spare = run.pods(pods + 1, profile)
     inject()
     try:
@@ -70,7 +73,7 @@ def _settled(run: Run, timeout: float = 5.0) -> int:
 def _rebuild_winding_down(run: Run) -> None:
     db_value, wait, cancel_delay = 17.0, 1.0, 0.6
     key = run.key(db_value)
-    profile = run.profile(wait=wait)
+    profile = run.profile(wait=wait, **PATIENT.options())  # Redis is healthy (see _db_fault)
     (pod,) = run.pods(1, profile)
     slow = run.work(profile, key, db_delay=30.0, cancel_delay=cancel_delay)
     timed_out = run.fleet.start(pod, slow)
