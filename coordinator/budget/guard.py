@@ -972,36 +972,3 @@ def _raise_bad_counter(outcomes: Sequence[object]) -> None:
     for outcome in outcomes:
         if isinstance(outcome, BaseException) and not isinstance(outcome, StoreError):
             raise outcome
-
-
-__all__ = [
-    "DEFAULT_NAMESPACE",
-    "MAX_ID_BYTES",
-    "OUTAGE_POLICIES",
-    "SCOPES",
-    "WRITE_MODES",
-    "BudgetExceededError",
-    "BudgetGuard",
-    "BudgetObserver",
-    "BudgetStats",
-    "BudgetUnavailableError",
-    "Claim",
-    "Entity",
-    "EntityId",
-    "EntityLike",
-    "LedgerSource",
-    "OutagePolicy",
-    "OutboxRow",
-    "Overage",
-    "Reservation",
-    "Scope",
-    "SpendRecord",
-    "SpendSource",
-    "WriteMode",
-    "as_entity",
-    "encode_entity_id",
-    "entity_ref",
-    "parse_spend_key",
-    "spend_id",
-    "spend_key",
-]
