@@ -81,13 +81,14 @@ def _stopped(deployment: Deployment) -> str | None:
 
 def _servers(args: argparse.Namespace) -> int:
     with started_servers(args.redis_url, args.lock_url, args.pg_dsn) as deployment:
-        if args.json:
-            print_json(describe(deployment))
-        else:
-            print("\n".join(export_lines(deployment.servers)))
-        sys.stdout.flush()
-        print("servers: running; Ctrl-C or SIGTERM stops them", file=sys.stderr, flush=True)
+        # From the first line out: a reader may stop us as soon as it has the URLs.
         try:
+            if args.json:
+                print_json(describe(deployment))
+            else:
+                print("\n".join(export_lines(deployment.servers)))
+            sys.stdout.flush()
+            print("servers: running; Ctrl-C or SIGTERM stops them", file=sys.stderr, flush=True)
             while (stopped := _stopped(deployment)) is None:
                 time.sleep(0.5)
         except KeyboardInterrupt:
