@@ -23,6 +23,14 @@ DB_ERRORS: tuple[type[Exception], ...] = (
 )
 
 
+
+async def create_pool(dsn: str, min_size: int, max_size: int, timeout: float) -> Any:
+    """An asyncpg pool on ``dsn``; a failure to connect is a :class:`SourceError`."""
+    try:
+        return await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size, timeout=timeout)
+    except DB_ERRORS as exc:
+        raise SourceError(f"cannot connect to PostgreSQL: {exc}") from exc
+
 class PostgresSource:
     """One parameterised query on an asyncpg pool; ``loader(*args)`` makes a coordinator
     loader that runs it. The query must return one row whose first column is the value."""
@@ -35,13 +43,7 @@ class PostgresSource:
     async def connect(
         cls, dsn: str, query: str, *, min_size: int = 1, max_size: int = 10, timeout: float = 5.0
     ) -> PostgresSource:
-        try:
-            pool = await asyncpg.create_pool(
-                dsn, min_size=min_size, max_size=max_size, timeout=timeout
-            )
-        except DB_ERRORS as exc:
-            raise SourceError(f"cannot connect to PostgreSQL: {exc}") from exc
-        return cls(pool, query)
+        return cls(await create_pool(dsn, min_size, max_size, timeout), query)
 
     def loader(self, *args: object) -> Loader:
         async def load() -> float:

@@ -27,11 +27,9 @@ from importlib import resources
 from types import TracebackType
 from typing import Any
 
-import asyncpg
-
 from ..coordinator import Loader
 from ..errors import ConfigurationError, MissingRowError, SourceError
-from ..sources import DB_ERRORS, PostgresSource
+from ..sources import DB_ERRORS, PostgresSource, create_pool
 from ..values import check_amount
 from .guard import (
     SCOPES,
@@ -198,12 +196,7 @@ class PostgresSpendSource:
         max_size: int = 10,
         timeout: float = 5.0,
     ) -> PostgresSpendSource:
-        try:
-            pool = await asyncpg.create_pool(
-                dsn, min_size=min_size, max_size=max_size, timeout=timeout
-            )
-        except DB_ERRORS as exc:
-            raise SourceError(f"cannot connect to PostgreSQL: {exc}") from exc
+        pool = await create_pool(dsn, min_size, max_size, timeout)
         try:
             return cls(pool, queries, write_spend=write_spend, timeout=timeout)
         except ConfigurationError:
